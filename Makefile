@@ -1,0 +1,53 @@
+# make demo  -- install, build the demo world (cached), unlearn with GA+GD, evaluate, print the report path
+# make test  -- install, run the unit, distributed (2 CPU ranks) and GPU (skipped without CUDA) tests
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+# CPU machines: DeepSpeed's CPU accelerator over gloo on loopback. A GPU machine keeps DeepSpeed's own choice.
+ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
+export DS_ACCELERATOR ?= cpu
+endif
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export GLOO_SOCKET_IFNAME ?= lo
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install mpi demo test test-unit test-dist clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py .ci/constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c .ci/constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+# Open MPI for the mpirun route (tests skip it, with the reason, when this cannot install it).
+mpi: install
+	@if ! command -v mpirun >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      libopenmpi-dev openmpi-bin >/dev/null) || echo "note: could not install Open MPI; mpirun tests will skip"; \
+	  else echo "note: mpirun missing and not root; mpirun tests will skip"; fi; fi
+	@if command -v mpicc >/dev/null 2>&1; then $(PY) -c "import mpi4py" 2>/dev/null || \
+	  $(PIP) install -q -c .ci/constraints.txt mpi4py || echo "note: mpi4py did not build; MPI-discovery route untested"; fi
+
+demo: install
+	$(PY) -m dsunlearn demo
+
+test: mpi
+	$(PY) -m pytest -q tests
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+test-dist: mpi
+	$(PY) -m pytest -q tests/dist
+
+clean:
+	rm -rf runs .cache .torch_extensions

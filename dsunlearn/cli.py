@@ -1,0 +1,123 @@
+"""Command line: ``dsunlearn <command>`` or ``python -m dsunlearn <command>``.
+
+    python -m dsunlearn unlearn --config run.json --zero ds_configs/zero3.json [--set train.lr=1e-5] [--dry-run]
+    deepspeed --num_gpus 8 -m dsunlearn unlearn --config run.json --zero ds_configs/zero3.json
+    torchrun --nproc_per_node 2 -m dsunlearn unlearn ...
+
+A mistake the user can fix (bad config, bad data, a non-empty run dir) prints one line and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_run_config, describe, to_dict
+
+EXIT_USAGE = 2
+
+# Nothing is ever fetched from a hub at run time: fail loudly instead of downloading.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config JSON (see --help-config); defaults apply to what it omits")
+    p.add_argument("--zero", default="ds_configs/zero3.json", help="ZeRO JSON (ds_configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one run-config field (repeatable); the value is parsed as JSON when it can be")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsunlearn", description="Machine unlearning for pre-trained LLMs on DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("unlearn", help="run an unlearning job")
+    _add_run_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve and validate both configs, the model directory and the data; print them; no training")
+    p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--help-config", action="store_true", help="list every run-config field with its default")
+
+    sub.add_parser("methods", help="list the registered unlearning methods")
+    return parser
+
+
+def _setup_logging() -> None:
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("DeepSpeed", "torch.distributed", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_unlearn(args) -> int:
+    from . import loop
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    zero_path = args.zero
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.json").is_file():
+            raise ConfigError(f"--resume {run_dir}: not a dsunlearn run directory (config.json missing)")
+        cfg = load_run_config(str(run_dir / "config.json"), args.overrides + [f"output.run_dir={run_dir}"])
+        zero_path = str(run_dir / "ds_config.user.json")
+    else:
+        cfg = load_run_config(args.config, args.overrides)
+    if args.dry_run:
+        return dry_run(cfg, zero_path, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+    code = loop.unlearn(cfg, zero_path, overwrite=args.overwrite, resume=bool(args.resume))
+    from . import engine as E
+    if E.is_main():
+        print(f"run directory: {cfg.output.run_dir}")
+    return code
+
+
+def dry_run(cfg, zero_path: str, world_size: int) -> int:
+    """Everything a launch would check before the process group exists."""
+    from . import engine as E
+    from .loop import resolve_configs, stream_sources
+    from .methods import build_method
+    from .data import load_documents
+    ds_config = resolve_configs(cfg, zero_path, world_size)
+    method = build_method(cfg.method)
+    E.check_model_dir(cfg)
+    tokenizer = E.load_tokenizer(cfg)
+    E.check_model_tokenizer(E.load_model_config(cfg), tokenizer, cfg.data.seq_len)
+    for name, path in stream_sources(cfg, method.streams).items():
+        load_documents(path, cfg.data.text_field)
+    print(json.dumps({"run_config": to_dict(cfg), "zero_config": ds_config, "world_size": world_size}, indent=2))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import METHODS
+    for name, cls in sorted(METHODS.items()):
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:14s} {doc}")
+    return 0
+
+
+COMMANDS = {"unlearn": cmd_unlearn, "methods": cmd_methods}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dsunlearn: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The run config: one JSON file -> a tree of frozen dataclasses.
+
+The run config owns every knob of an unlearning run (model, data, method, optimisation, evaluation, checkpoints).
+The ZeRO JSON in ``ds_configs/`` owns sharding, offload, precision and communication (see ``zero.py``).
+Each field's docstring is the documentation: ``dsunlearn unlearn --help-config`` prints them.
+
+Overrides: ``--set section.key=value``; the value is parsed as JSON when it parses (``1e-5``, ``true``, ``[1,2]``,
+``null``) and as a plain string otherwise, then checked against the field's type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem. The CLI prints it on one line and exits with code 2."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    path: str = ""
+    """Local Hugging Face model directory (config.json + safetensors). Nothing is downloaded from a hub."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory; defaults to ``path``."""
+    trust_remote_code: bool = False
+    """Allow the model directory to run its own Python code. Off unless you trust the directory."""
+    use_safetensors: bool = True
+    """Load weights only from safetensors files (no pickle). Turn off only for trusted ``.bin`` checkpoints."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    forget: str = ""
+    """Forget set: JSONL, parquet, a folder of .txt files, or a ``datasets.save_to_disk`` folder."""
+    retain: Optional[str] = None
+    """In-distribution retain set (same domain as the forget set)."""
+    approximate: Optional[str] = None
+    """Unseen in-distribution text: the approximate-retrain target of evaluation and the stop rule."""
+    general: Optional[str] = None
+    """General-domain text (the study's "general retain data"; also evaluated)."""
+    retain_source: str = "retain"
+    """Which set feeds a method's retain stream: "retain" (in-distribution) or "general"."""
+    text_field: str = "text"
+    """Field holding the document text in JSONL/parquet/saved datasets."""
+    seq_len: int = 4096
+    """Tokens per chunk (the study used 4096). Documents are cut into chunks of this length, never packed together."""
+    min_chunk_tokens: int = 16
+    """Chunks with fewer real tokens are dropped (and counted in the log)."""
+    add_eos: bool = True
+    """Append the tokenizer's EOS token to every document before chunking."""
+    num_proc: Optional[int] = None
+    """Worker processes for tokenisation (datasets.map); None = one process."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    name: str = "ga_gd"
+    """Registry key of the unlearning method (see ``dsunlearn methods`` and docs/methods.md)."""
+    weights: dict = field(default_factory=dict)
+    """Weight per named loss term, e.g. {"forget": 1.0, "retain": 1.0}; missing terms weigh 1.0."""
+    params: dict = field(default_factory=dict)
+    """Method hyperparameters overriding its paper defaults (checked against the method's dataclass)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferenceConfig:
+    mode: str = "engine"
+    """How methods that need the frozen original model get it: "engine" (a second ZeRO-3 engine, one no-grad
+    forward per micro-step) or "cache" (its outputs computed once before training and stored)."""
+    topk: int = 64
+    """Cached KL: keep the reference's top-k log-probs per position plus the remaining mass (exact when k = vocab)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    lr: float = 2e-5
+    """Peak learning rate (study default 2e-5)."""
+    schedule: str = "cosine"
+    """"cosine" (decays to min_lr_ratio*lr) or "constant", both after a linear warmup."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps with linear warmup (study: 3%). The first step's LR is lr/num_warmup_steps, never 0."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (study: 0)."""
+    betas: tuple = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables). Written into the ZeRO config as gradient_clipping."""
+    micro_batch_size: int = 1
+    """Forget chunks per rank per micro-step (the retain stream gets micro_batch_size * retain_ratio)."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    global_batch_size: Optional[int] = None
+    """Forget chunks per optimizer step; if set it must equal micro_batch_size * grad_accum * world_size."""
+    retain_ratio: int = 1
+    """Retain chunks per forget chunk in each fused batch (study: 1:1)."""
+    num_steps: Optional[int] = None
+    """Optimizer steps; default derived from epochs over the forget set."""
+    epochs: float = 1.0
+    """Passes over the forget set when num_steps is not given (study: 1 epoch)."""
+    seed: int = 42
+    """Seed for data order, random labels and initialisation of anything random."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    every_n_steps: int = 0
+    """Evaluate every N optimizer steps during unlearning (0 = only before and after)."""
+    splits: tuple = ("forget", "retain", "approximate", "general")
+    """Splits evaluated (those without data are skipped)."""
+    max_chunks: Optional[int] = None
+    """Evaluate at most this many chunks per split (None = all)."""
+    micro_batch_size: int = 4
+    """Chunks per rank per evaluation forward."""
+    stop_tolerance: float = 0.0
+    """Stop rule: stop when |forget loss - approximate loss| <= this (nats). 0 disables the rule."""
+    stop_auc_band: Optional[float] = None
+    """Stop rule (optional extra condition): LOSS-attack AUC within 0.5 +- band."""
+    retrained_model: Optional[str] = None
+    """An exactly retrained model (the demo world has one): every figure is reported for it too."""
+    mia: bool = True
+    """Run the membership-inference attacks (forget = members, approximate = non-members)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuardConfig:
+    forget_loss_ceiling: Optional[float] = None
+    """Stop when the forget loss exceeds this (nats): gradient ascent is unbounded. None = no ceiling."""
+    stop_on_nonfinite: bool = True
+    """Stop cleanly on a NaN/inf loss or gradient norm, keeping the last good weights."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every_n_steps: int = 0
+    """Save a resumable DeepSpeed checkpoint every N optimizer steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    run_dir: str = "runs/unlearn"
+    """Run directory: resolved configs, log.jsonl, TensorBoard events, checkpoints, the final model."""
+    save_model: bool = True
+    """Export the final weights as a Hugging Face safetensors directory ``<run_dir>/model``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building dataclasses from JSON with exact errors.
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotated type ``tp`` (the small set used in this module) and normalise it."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object with keys {sorted(f.name for f in fields(tp))}, "
+                              f"got {json.dumps(value)}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    else:  # pragma: no cover - a field type this module does not use
+        raise AssertionError(f"unsupported config type {tp!r} at {where}")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {json.dumps(value)}")
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys fail with the list of valid ones."""
+    hints = typing.get_type_hints(cls)
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(sorted(valid))}")
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The JSON-ready dict of a config tree (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-5"`` -> (["train", "lr"], 1e-05). Values parse as JSON when they can, else stay strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``--set`` overrides to the raw JSON dict (validation happens when the dataclasses are built).
+
+    A value that parsed as a number/bool but lands on a string field stays a string (``model.path=123``).
+    """
+    data = json.loads(json.dumps(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node, cls = data, RunConfig
+        for depth, part in enumerate(path):
+            hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+            where = "--set " + ".".join(path[: depth + 1])
+            if dataclasses.is_dataclass(cls) and part not in hints:
+                raise ConfigError(f"{where}: unknown key {part!r}; valid keys: {', '.join(sorted(hints))}")
+            if depth == len(path) - 1:
+                tp = hints.get(part)
+                if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                                 and str in typing.get_args(tp) and value is not None):
+                    if not isinstance(value, str):
+                        value = text.split("=", 1)[1]
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{where}: is not a section")
+                cls = hints.get(part, dict) if dataclasses.is_dataclass(cls) else dict
+    return data
+
+
+def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
+    """Read the run-config JSON (or start from defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: run config not found")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object at the top level")
+    data = apply_overrides(data, list(overrides))
+    cfg = from_dict(RunConfig, data, where=path or "config")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no files and no process group."""
+    t = cfg.train
+    checks = [
+        (t.lr > 0, "train.lr: expected > 0"),
+        (t.schedule in ("cosine", "constant"), f"train.schedule: expected 'cosine' or 'constant', got {t.schedule!r}"),
+        (0 <= t.warmup_ratio < 1, "train.warmup_ratio: expected 0 <= x < 1"),
+        (t.micro_batch_size >= 1, "train.micro_batch_size: expected >= 1"),
+        (t.grad_accum >= 1, "train.grad_accum: expected >= 1"),
+        (t.retain_ratio >= 1, "train.retain_ratio: expected >= 1"),
+        (t.num_steps is None or t.num_steps >= 1, "train.num_steps: expected >= 1 or null"),
+        (t.epochs > 0, "train.epochs: expected > 0"),
+        (t.grad_clip >= 0, "train.grad_clip: expected >= 0"),
+        (len(t.betas) == 2, "train.betas: expected two numbers"),
+        (cfg.data.seq_len >= 2, "data.seq_len: expected >= 2"),
+        (cfg.data.retain_source in ("retain", "general"),
+         f"data.retain_source: expected 'retain' or 'general', got {cfg.data.retain_source!r}"),
+        (cfg.reference.mode in ("engine", "cache"),
+         f"reference.mode: expected 'engine' or 'cache', got {cfg.reference.mode!r}"),
+        (cfg.reference.topk >= 1, "reference.topk: expected >= 1"),
+        (cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps: expected >= 0"),
+        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: expected >= 1"),
+        (cfg.eval.every_n_steps >= 0, "eval.every_n_steps: expected >= 0"),
+        (bool(cfg.output.run_dir), "output.run_dir: expected a directory path"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for key, weight in cfg.method.weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"method.weights.{key}: expected a number, got {json.dumps(weight)}")
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """One line per field with its default and docstring (``--help-config``)."""
+    import ast
+    import inspect
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    lines = []
+    hints = typing.get_type_hints(cls)
+    instance = cls()
+    for f in fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default = json.dumps(to_dict(instance)[f.name]) if dataclasses.is_dataclass(instance) else ""
+            lines.append(f"{prefix}{f.name} = {default}  -- {docs.get(f.name, '')}")
+    return lines

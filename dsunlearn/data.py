@@ -1,0 +1,218 @@
+"""Documents -> fixed-length token chunks -> per-rank micro-batches.
+
+- Inputs: JSONL (one object per line, text in ``data.text_field``), JSON, parquet, a folder of .txt/.md/.py files (one
+  document per file), or a folder written by ``datasets.save_to_disk``. Loading, tokenising and caching go through the
+  ``datasets`` library (its fingerprint cache makes the second run free).
+- Each document is tokenised on its own (plus EOS), cut into chunks of ``seq_len`` tokens; documents are never packed
+  together, so the last chunk of a document is shorter and is padded; padding is masked from every loss and metric.
+  Chunks with fewer than ``min_chunk_tokens`` real tokens are dropped and counted.
+- Sampling is a pure function of (seed, step): the chunks of global optimizer step s are positions [s*G, (s+1)*G) of a
+  per-epoch seeded permutation, dealt out to ranks and micro-steps. The global batch is the same whatever the world
+  size, and resuming needs nothing but the step number.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+from .methods.terms import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".tex", ".rst")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading documents
+
+def _check_jsonl(path: Path, text_field: str) -> int:
+    """Validate a JSONL file line by line (datasets' own errors do not name the line). Returns the number of rows."""
+    rows = 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path}:{lineno}: not UTF-8 (byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or text_field not in obj:
+                raise ConfigError(f"{path}:{lineno}: missing text field {text_field!r} (set data.text_field)")
+            if not isinstance(obj[text_field], str):
+                raise ConfigError(f"{path}:{lineno}: field {text_field!r} is not a string")
+            rows += 1
+    if rows == 0:
+        raise ConfigError(f"{path}: empty file (no JSON lines)")
+    return rows
+
+
+def load_documents(path: str, text_field: str = "text"):
+    """Load a document set as a ``datasets.Dataset`` with a ``text`` column (and ``id`` when the source has one)."""
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path}: data file or folder not found")
+    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ConfigError(f"{path}: a DatasetDict without a 'train' split ({', '.join(ds)})")
+            ds = ds["train"]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ConfigError(f"{path}: folder has no {'/'.join(TEXT_SUFFIXES)} files")
+        texts, ids = [], []
+        for f in files:
+            try:
+                texts.append(f.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{f}: not UTF-8 (byte {e.start})") from None
+            ids.append(str(f.relative_to(p)))
+        ds = datasets.Dataset.from_dict({"id": ids, text_field: texts})
+    elif p.suffix in (".jsonl", ".json"):
+        if p.stat().st_size == 0:
+            raise ConfigError(f"{path}: empty file")
+        if p.suffix == ".jsonl" or p.read_bytes()[:1] != b"[":
+            _check_jsonl(p, text_field)
+        ds = datasets.load_dataset("json", data_files=str(p), split="train")
+    elif p.suffix == ".parquet":
+        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+    elif p.suffix in TEXT_SUFFIXES:
+        try:
+            ds = datasets.Dataset.from_dict({"id": [p.name], text_field: [p.read_text(encoding="utf-8")]})
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
+    else:
+        raise ConfigError(f"{path}: unknown data format (expected .jsonl, .json, .parquet, a text folder or a "
+                          f"save_to_disk folder)")
+    if text_field not in ds.column_names:
+        raise ConfigError(f"{path}: missing text field {text_field!r}; columns: {', '.join(ds.column_names)}")
+    if len(ds) == 0:
+        raise ConfigError(f"{path}: no documents")
+    if text_field != "text":
+        ds = ds.rename_column(text_field, "text") if "text" not in ds.column_names else ds
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chunking
+
+def chunk_token_ids(ids: list[int], seq_len: int) -> list[list[int]]:
+    """Cut one document's token ids into consecutive pieces of at most ``seq_len``."""
+    return [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+
+
+@dataclass(frozen=True)
+class ChunkStats:
+    num_documents: int
+    num_chunks: int
+    num_tokens: int
+    num_dropped_chunks: int
+    num_dropped_tokens: int
+
+
+def tokenize_and_chunk(ds, tokenizer, seq_len: int, min_chunk_tokens: int = 16, add_eos: bool = True,
+                       num_proc: Optional[int] = None, source: str = "data"):
+    """Tokenise every document and cut it into chunks. Returns ``(chunks_dataset, ChunkStats)``.
+
+    Columns: ``input_ids`` (unpadded, 1..seq_len tokens), ``doc_index``, ``chunk_index``, ``num_tokens``.
+    """
+    eos = tokenizer.eos_token_id if add_eos else None
+    if add_eos and eos is None:
+        raise ConfigError(f"{source}: the tokenizer has no EOS token; set data.add_eos=false")
+
+    def _map(batch, indices):
+        encoded = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        out = {"input_ids": [], "doc_index": [], "chunk_index": [], "num_tokens": []}
+        for doc_index, ids in zip(indices, encoded):
+            if eos is not None:
+                ids = ids + [eos]
+            for j, piece in enumerate(chunk_token_ids(ids, seq_len)):
+                out["input_ids"].append(piece)
+                out["doc_index"].append(doc_index)
+                out["chunk_index"].append(j)
+                out["num_tokens"].append(len(piece))
+        return out
+
+    chunks = ds.map(_map, batched=True, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc,
+                    desc=f"tokenise {source}")
+    lengths = np.asarray(chunks["num_tokens"], dtype=np.int64)
+    keep = np.flatnonzero(lengths >= min_chunk_tokens)
+    stats = ChunkStats(num_documents=len(ds), num_chunks=int(keep.size), num_tokens=int(lengths[keep].sum()),
+                       num_dropped_chunks=int(lengths.size - keep.size),
+                       num_dropped_tokens=int(lengths.sum() - lengths[keep].sum()))
+    if keep.size < lengths.size:
+        chunks = chunks.select(keep)
+    if stats.num_chunks == 0:
+        raise ConfigError(f"{source}: zero usable chunks ({stats.num_dropped_chunks} chunks shorter than "
+                          f"data.min_chunk_tokens={min_chunk_tokens})")
+    if stats.num_dropped_chunks:
+        log.info("%s: dropped %d chunks (%d tokens) shorter than %d tokens", source, stats.num_dropped_chunks,
+                 stats.num_dropped_tokens, min_chunk_tokens)
+    return chunks, stats
+
+
+def collate(rows: list[list[int]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad chunks to ``seq_len``: input_ids, attention_mask, labels (-100 on padding)."""
+    input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[i, :len(ids)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+@dataclass(frozen=True)
+class StreamSampler:
+    """Which chunks a rank takes at a given (optimizer step, micro-step): a pure function, so resume is exact.
+
+    ``per_rank`` chunks per micro-step; global batch per optimizer step G = per_rank * grad_accum * world_size.
+    Position p of the infinite stream is chunk ``perm_e[p % N]`` with epoch e = p // N and ``perm_e`` a permutation
+    seeded by (seed, e).
+    """
+    num_chunks: int
+    per_rank: int
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_rank * self.grad_accum * self.world_size
+
+    def _chunk_at(self, positions: np.ndarray) -> np.ndarray:
+        epochs = positions // self.num_chunks
+        out = np.empty_like(positions)
+        for e in np.unique(epochs):
+            perm = np.random.default_rng([self.seed, int(e)]).permutation(self.num_chunks)
+            sel = epochs == e
+            out[sel] = perm[positions[sel] % self.num_chunks]
+        return out
+
+    def indices(self, step: int, micro: int, rank: int) -> list[int]:
+        start = step * self.global_batch + (micro * self.world_size + rank) * self.per_rank
+        return self._chunk_at(np.arange(start, start + self.per_rank, dtype=np.int64)).tolist()
+
+
+def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
+    """Evaluation sharding: rank r takes items r, r+W, r+2W, ... (every item exactly once over all ranks)."""
+    return list(range(rank, num_items, world_size))
+

@@ -1,0 +1,303 @@
+"""Everything that touches DeepSpeed and torch.distributed: process group, engines, collectives, export.
+
+Methods and metrics never import this module's dependencies; they see tensors only.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ConfigError, RunConfig
+from .zero import precision, zero_stage
+
+log = logging.getLogger(__name__)
+
+# torch 2.13 warns on every ZeRO step that DeepSpeed's collectives use deprecated names; keep the log readable.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated.*")
+warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*deprecated.*")
+warnings.filterwarnings("ignore", message=".*_all_gather_base.*")
+warnings.filterwarnings("ignore", message=".*_reduce_scatter_base.*")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Process group
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _map_launcher_env() -> None:
+    """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* exist whatever started us.
+
+    - deepspeed / torchrun set them already.
+    - mpirun (Open MPI) sets OMPI_COMM_WORLD_*: map them (MASTER_ADDR/PORT must come from the launcher script,
+      see launchers/mpirun.sh), which avoids DeepSpeed's MPI discovery and its non-loopback address choice.
+    - a plain ``python -m dsunlearn`` is a world of one on a free loopback port.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        env.setdefault("LOCAL_RANK", "0")
+        return
+    if "OMPI_COMM_WORLD_RANK" in env:
+        env["RANK"] = env["OMPI_COMM_WORLD_RANK"]
+        env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_SIZE"]
+        env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise ConfigError("mpirun: export MASTER_ADDR and MASTER_PORT to every rank (see launchers/mpirun.sh)")
+        return
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name()
+
+
+def init_distributed() -> None:
+    """Start (or join) the process group through DeepSpeed's accelerator API: gloo on CPU, nccl/… on GPUs."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    _map_launcher_env()
+    backend = None
+    if accelerator_name() == "cpu":
+        backend = "gloo"
+        # ZeRO never uses the shared-memory comm op, but init_distributed JIT-builds it (75-130 s) on CPU.
+        # Private API in 0.19.x: guarded, and only for CPU runs.
+        with contextlib.suppress(Exception):
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if accelerator_name() != "cpu":
+        from deepspeed.accelerator import get_accelerator
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+    return torch.device(get_accelerator().current_device_name())
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a float64 tensor over ranks (on the CPU for gloo, on the device otherwise)."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    dev = device()
+    out = values.to(dev)
+    dist.all_reduce(out)
+    return out.cpu()
+
+
+def all_gather_objects(obj) -> list:
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 does the work first (filling caches), the others then read what it wrote."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models and engines
+
+def torch_dtype(ds_config: dict) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_config)]
+
+
+def check_model_dir(cfg: RunConfig) -> None:
+    """Fail early, on one line, for the model-directory mistakes a user makes."""
+    path = Path(cfg.model.path)
+    if not cfg.model.path:
+        raise ConfigError("model.path: required (a local Hugging Face model directory)")
+    if not path.is_dir():
+        raise ConfigError(f"model.path: {path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path: {path} has no config.json")
+    names = [p.name for p in path.iterdir()]
+    if cfg.model.use_safetensors and not any(n.endswith(".safetensors") for n in names):
+        other = [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
+        hint = (f" (found {', '.join(other)}: pickle files run code when loaded; convert them, or set "
+                f"model.use_safetensors=false only if you trust them)") if other else ""
+        raise ConfigError(f"model.path: {path} has no .safetensors weights{hint}")
+
+
+def load_tokenizer(cfg: RunConfig):
+    from transformers import AutoTokenizer
+    path = cfg.model.tokenizer or cfg.model.path
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path} ({str(e).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        # Padding is masked from every loss, so any id works; EOS is the usual choice for causal LMs.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_config(cfg: RunConfig):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path: cannot read {cfg.model.path}/config.json ({str(e).splitlines()[0]})") from None
+
+
+def check_model_tokenizer(model_config, tokenizer, seq_len: int, source: str = "model.path") -> None:
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError(f"{source}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}")
+    max_pos = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's maximum of {max_pos} positions")
+
+
+def load_model(cfg: RunConfig, ds_config: dict, path: Optional[str] = None):
+    """Load a causal LM for a DeepSpeed engine.
+
+    Under ZeRO-3, ``HfDeepSpeedConfig`` must be alive during ``from_pretrained`` so transformers loads straight into
+    partitioned parameters: no rank ever holds the full model. The returned handle keeps it alive.
+    """
+    from transformers import AutoModelForCausalLM
+    handle = None
+    if zero_stage(ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        handle = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(
+        path or cfg.model.path, dtype=torch_dtype(ds_config), trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=cfg.model.use_safetensors)
+    # KV caches are for generation; training and scoring forwards never reuse them.
+    model.config.use_cache = False
+    return model, handle
+
+
+def build_train_engine(model, ds_config: dict, cfg: RunConfig, num_steps: int):
+    """deepspeed.initialize with a client AdamW and the warmup + cosine/constant schedule."""
+    import math
+    import deepspeed
+
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("no trainable parameters (did a method's parameter pattern match nothing?)")
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    num_warmup = max(1, math.ceil(t.warmup_ratio * num_steps)) if t.warmup_ratio > 0 else 0
+
+    def lr_factor(step: int) -> float:
+        # step counts optimizer steps already taken: the first step uses lr_factor(0) = 1/num_warmup, never 0.
+        if step < num_warmup:
+            return (step + 1) / num_warmup
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - num_warmup) / max(1, num_steps - num_warmup))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor))
+    return engine
+
+
+def build_frozen_engine(model, ds_config: dict):
+    """A no-optimizer engine for the frozen reference model (ZeRO-3 sharded like the trained one)."""
+    import deepspeed
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def consolidated_state_dict(engine) -> Optional[dict]:
+    """Full state dict on rank 0 (None elsewhere). Under ZeRO-3 the parameters are gathered one module at a time."""
+    if engine.zero_optimization_partition_weights():
+        # Private in 0.19.x, but it is what save_16bit_model calls, without requiring
+        # stage3_gather_16bit_weights_on_model_save in the user's ZeRO JSON (that key is theirs).
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module_state_dict()
+    return sd if is_main() else None
+
+
+def export_hf_model(engine, tokenizer, out_dir: str) -> Optional[str]:
+    """Write the engine's weights as a Hugging Face safetensors directory, atomically (temp dir + rename).
+
+    Every rank must call this (ZeRO-3 gathers are collective); rank 0 writes.
+    """
+    import shutil
+    state_dict = consolidated_state_dict(engine)
+    if is_main():
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        module = engine.module
+        module.config.use_cache = True
+        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        module.config.use_cache = False
+        tokenizer.save_pretrained(tmp)
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return out_dir
+
+
+def forward(engine, batch: dict, output_hidden_states: bool = False):
+    dev = engine.device
+    return engine(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                  output_hidden_states=output_hidden_states, use_cache=False)
