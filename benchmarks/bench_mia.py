@@ -3,7 +3,7 @@
     python benchmarks/bench_mia.py                       # 64 chunks x 256 tokens, Llama ~7.6M params, vocab 8192
     python benchmarks/bench_mia.py --chunks 16 --seq-len 128   # quick
 
-Both sides compute the same numbers for every chunk (asserted equal, atol 1e-4): nll_sum, num_tokens, num_correct,
+Both sides compute the same numbers for every chunk (asserted equal: |a - b| / max(|b|, 1) < 1e-5): nll_sum, num_tokens, num_correct,
 mia_loss, mia_zlib, mia_min_k_{10..60}, mia_min_k_pp_{10..60}, mia_ref (a second, reference Llama).
 
 - vectorised: micro-batches of ``--micro-batch`` right-padded chunks; one target forward + one reference forward per
@@ -145,8 +145,10 @@ def main():
         ref, loop_score = timed(loop_scores, loop_logits, chunks, texts)
 
     assert set(vec) == set(ref), (sorted(vec), sorted(ref))
-    worst = max(float((vec[k].double() - ref[k]).abs().max()) for k in ref)
-    assert worst < 1e-4, f"vectorised and loop disagree by {worst}"
+    # Relative error: nll_sum is a sum over ~250 tokens; the per-token scores are O(1).
+    errors = {k: float(((vec[k].double() - ref[k]).abs() / ref[k].abs().clamp_min(1.0)).max()) for k in ref}
+    worst = max(errors.values())
+    assert worst < 1e-5, f"vectorised and loop disagree: {errors}"
 
     def tps(seconds):
         return f"{num_tokens / seconds:,.0f}"
@@ -157,7 +159,7 @@ def main():
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)  ")
     print(f"model: 2 x Llama {num_params / 1e6:.1f}M params (target + reference), vocab {args.vocab}; "
           f"{args.chunks} chunks, {args.seq_len} max tokens, {num_tokens} scored tokens; "
-          f"micro-batch {args.micro_batch}; max |vectorised - loop| over all scores = {worst:.1e}\n")
+          f"micro-batch {args.micro_batch}; max relative |vectorised - loop| over all scores = {worst:.1e}\n")
     print("| implementation | forwards s | scores s | total s | end-to-end tokens/s | scores-only tokens/s |")
     print("|---|---|---|---|---|---|")
     for name, fwd, score in rows:

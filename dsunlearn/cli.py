@@ -30,7 +30,6 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero", default="ds_configs/zero3.json", help="ZeRO JSON (ds_configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one run-config field (repeatable); the value is parsed as JSON when it can be")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +107,25 @@ def cmd_methods(args) -> int:
 COMMANDS = {"unlearn": cmd_unlearn, "methods": cmd_methods}
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts ``--local_rank=N`` before the subcommand; LOCAL_RANK in the env says the same."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:

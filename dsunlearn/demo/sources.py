@@ -32,6 +32,7 @@ from dsunlearn.demo.rdata import read_lazyload_db
 
 __all__ = [
     "AUSTEN_NOVELS",
+    "DEB_PACKAGES",
     "PAPER_PACKAGES",
     "FetchError",
     "book_documents",
@@ -39,6 +40,7 @@ __all__ = [
     "deb_members",
     "devil_documents",
     "fetch_deb",
+    "fetch_debs",
     "paper_documents",
     "select_stdlib_files",
     "split_austen_chapters",
@@ -64,6 +66,9 @@ PAPER_PACKAGES = (
     "coin", "flexmix", "glmnet", "lme4", "lmtest", "matrix", "multcomp", "party", "partykit", "plm", "pscl",
     "sandwich", "spdep", "strucchange", "survival", "vcd", "xts", "zoo",
 )
+
+# Every Debian package the corpus reads.
+DEB_PACKAGES = ("r-cran-janeaustenr", "r-cran-tokenizers", "dict-devil", *(f"r-cran-{p}" for p in PAPER_PACKAGES))
 
 # Path components of the stdlib tree that are not library modules (tests, data tables, vendored tools, installs).
 STDLIB_SKIP_DIRS = frozenset({
@@ -100,6 +105,18 @@ def fetch_deb(package: str, cache_dir: str | os.PathLike) -> Path:
             proc.stderr or "") else ""
         raise FetchError(f"cannot fetch Debian package {package!r}: `apt-get download` failed: {detail}{hint}. {how}")
     return found[-1]
+
+
+def fetch_debs(packages: Iterable[str], cache_dir: str | os.PathLike) -> dict[str, Path]:
+    """`fetch_deb` for several packages, downloading all missing ones with a single `apt-get download` (faster)."""
+    packages = list(packages)
+    deb_dir = Path(cache_dir) / "debs"
+    deb_dir.mkdir(parents=True, exist_ok=True)
+    missing = [p for p in packages if not any(deb_dir.glob(f"{p}_*.deb"))]
+    if len(missing) > 1 and shutil.which("apt-get"):
+        # On failure, fetch_deb below retries one by one and names the package at fault.
+        subprocess.run(["apt-get", "download", *missing], cwd=deb_dir, capture_output=True)
+    return {p: fetch_deb(p, cache_dir) for p in packages}
 
 
 def _deb_data_tar(deb: Path) -> bytes:

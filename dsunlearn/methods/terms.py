@@ -17,6 +17,11 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32/fp64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Align logits with the token each position predicts.
 
@@ -35,10 +40,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     Computed in fp32 whatever the model dtype: bf16 log-softmax over a 32k+ vocabulary loses the digits that small
     loss differences between methods live in.
     """
-    shifted_logits, targets, mask = shift_for_next_token(logits, labels)
-    logp = torch.log_softmax(shifted_logits.float(), dim=-1)
+    shifted_logits, targets, mask = shift_for_next_token(upcast(logits), labels)
+    logp = torch.log_softmax(shifted_logits, dim=-1)
     picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    mask = mask.float()
+    mask = mask.to(picked.dtype)
     return picked * mask, mask
 
 
@@ -63,5 +68,5 @@ def cross_entropy_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     """Token-weighted NLL over the whole batch, as ``F.cross_entropy`` computes it (used only to cross-check)."""
     shifted_logits, targets, mask = shift_for_next_token(logits, labels)
     targets = targets.masked_fill(mask == 0, IGNORE_INDEX)
-    return F.cross_entropy(shifted_logits.float().reshape(-1, shifted_logits.size(-1)), targets.reshape(-1),
+    return F.cross_entropy(upcast(shifted_logits).reshape(-1, shifted_logits.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX)

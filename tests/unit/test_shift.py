@@ -84,8 +84,10 @@ def different_source():
 # --- blind baseline -----------------------------------------------------------------------------------------------
 
 def test_same_source_auc_near_chance(same_source):
-    # Under no shift the out-of-fold AUC of 60 vs 60 has sd ~0.05-0.06 (analytic 0.053; over 40 draws of this
-    # generator: mean 0.49, sd 0.062, range 0.36-0.62), so [0.3, 0.7] is > 3 sd either side.
+    # Under no shift the out-of-fold AUC of 60 vs 60 is noisy: over 100 draws of this generator (data and fold seeds
+    # varied) mean 0.483, sd 0.068, range 0.31-0.62 (the analytic random-scorer sd is 0.053). [0.3, 0.7] is 2.7 sd
+    # below and 3.2 above that mean; this fixed draw gives 0.518, so the test is deterministic and only a library
+    # change that reshuffles the result could move it (and then stays inside the band ~99% of the time).
     res = blind_baseline_auc(*same_source, seed=0)
     assert 0.3 <= res["auc"] <= 0.7, res
     assert res["folds"] == 5 and res["num_forget"] == 60 and res["num_approx"] == 60
