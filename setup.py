@@ -22,7 +22,6 @@ setup(
         "numpy",
         "matplotlib>=3.7",
         "scikit-learn>=1.3",
-        "rdata>=0.11",
     ],
     extras_require={
         "dev": ["pytest>=8", "gguf>=0.10"],

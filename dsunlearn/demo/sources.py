@@ -42,6 +42,7 @@ __all__ = [
     "fetch_deb",
     "fetch_debs",
     "paper_documents",
+    "python_version",
     "select_stdlib_files",
     "split_austen_chapters",
     "split_moby_dick_chapters",
