@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--help-config", action="store_true", help="list every run-config field with its default")
 
+    p = sub.add_parser("pretrain", help="train a causal LM from scratch with the same engine (the demo world's models)")
+    _add_run_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
     sub.add_parser("methods", help="list the registered unlearning methods")
     return parser
 
@@ -56,20 +61,33 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _load_configs(args):
+    """(run config, ZeRO JSON path); --resume reads both from the run directory."""
+    if not args.resume:
+        return load_run_config(args.config, args.overrides), args.zero
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a dsunlearn run directory (config.json missing)")
+    cfg = load_run_config(str(run_dir / "config.json"), args.overrides + [f"output.run_dir={run_dir}"])
+    return cfg, str(run_dir / "ds_config.user.json")
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import pretrain
+    cfg, zero_path = _load_configs(args)
+    code = pretrain(cfg, zero_path, overwrite=args.overwrite, resume=bool(args.resume))
+    from . import engine as E
+    if E.is_main():
+        print(f"run directory: {cfg.output.run_dir}")
+    return code
+
+
 def cmd_unlearn(args) -> int:
     from . import loop
     if args.help_config:
         print("\n".join(describe()))
         return 0
-    zero_path = args.zero
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise ConfigError(f"--resume {run_dir}: not a dsunlearn run directory (config.json missing)")
-        cfg = load_run_config(str(run_dir / "config.json"), args.overrides + [f"output.run_dir={run_dir}"])
-        zero_path = str(run_dir / "ds_config.user.json")
-    else:
-        cfg = load_run_config(args.config, args.overrides)
+    cfg, zero_path = _load_configs(args)
     if args.dry_run:
         return dry_run(cfg, zero_path, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
     code = loop.unlearn(cfg, zero_path, overwrite=args.overwrite, resume=bool(args.resume))
@@ -104,7 +122,7 @@ def cmd_methods(args) -> int:
     return 0
 
 
-COMMANDS = {"unlearn": cmd_unlearn, "methods": cmd_methods}
+COMMANDS = {"unlearn": cmd_unlearn, "pretrain": cmd_pretrain, "methods": cmd_methods}
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

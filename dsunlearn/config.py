@@ -32,6 +32,9 @@ class ModelConfig:
     """Allow the model directory to run its own Python code. Off unless you trust the directory."""
     use_safetensors: bool = True
     """Load weights only from safetensors files (no pickle). Turn off only for trusted ``.bin`` checkpoints."""
+    init: str = "pretrained"
+    """"pretrained" loads the weights; "random" builds the architecture from config.json with train.seed
+    (``dsunlearn pretrain`` uses it to train the demo world's models from scratch)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +47,8 @@ class DataConfig:
     """Unseen in-distribution text: the approximate-retrain target of evaluation and the stop rule."""
     general: Optional[str] = None
     """General-domain text (the study's "general retain data"; also evaluated)."""
+    train: Optional[str] = None
+    """Training corpus of ``dsunlearn pretrain`` (plain next-token descent from scratch)."""
     retain_source: str = "retain"
     """Which set feeds a method's retain stream: "retain" (in-distribution) or "general"."""
     text_field: str = "text"
@@ -312,6 +317,8 @@ def validate(cfg: RunConfig) -> None:
          f"data.retain_source: expected 'retain' or 'general', got {cfg.data.retain_source!r}"),
         (cfg.reference.mode in ("engine", "cache"),
          f"reference.mode: expected 'engine' or 'cache', got {cfg.reference.mode!r}"),
+        (cfg.model.init in ("pretrained", "random"),
+         f"model.init: expected 'pretrained' or 'random', got {cfg.model.init!r}"),
         (cfg.reference.topk >= 1, "reference.topk: expected >= 1"),
         (cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps: expected >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: expected >= 1"),

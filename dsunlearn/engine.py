@@ -166,6 +166,8 @@ def check_model_dir(cfg: RunConfig) -> None:
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path: {path} has no config.json")
     names = [p.name for p in path.iterdir()]
+    if cfg.model.init == "random":
+        return
     if cfg.model.use_safetensors and not any(n.endswith(".safetensors") for n in names):
         other = [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
         hint = (f" (found {', '.join(other)}: pickle files run code when loaded; convert them, or set "
@@ -211,6 +213,14 @@ def load_model(cfg: RunConfig, ds_config: dict, path: Optional[str] = None):
     """
     from transformers import AutoModelForCausalLM
     handle = None
+    if cfg.model.init == "random" and path is None:
+        # Built whole on every rank from the same seed, then partitioned by deepspeed.initialize: zero.Init (what
+        # HfDeepSpeedConfig switches on) would skip transformers' weight initialisation.
+        torch.manual_seed(cfg.train.seed)
+        model = AutoModelForCausalLM.from_config(load_model_config(cfg), dtype=torch_dtype(ds_config),
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+        model.config.use_cache = False
+        return model, None
     if zero_stage(ds_config) == 3:
         from transformers.integrations import HfDeepSpeedConfig
         handle = HfDeepSpeedConfig(ds_config)

@@ -100,17 +100,18 @@ def stream_sources(cfg: RunConfig, streams: tuple) -> dict[str, str]:
     return out
 
 
-def plan_steps(cfg: RunConfig, num_forget_chunks: int, world_size: int) -> int:
+def plan_steps(cfg: RunConfig, num_chunks: int, world_size: int) -> int:
+    """train.num_steps, or enough steps for train.epochs over the method's first stream (the forget set)."""
     if cfg.train.num_steps is not None:
         return cfg.train.num_steps
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
-    return max(1, math.ceil(cfg.train.epochs * num_forget_chunks / global_batch))
+    return max(1, math.ceil(cfg.train.epochs * num_chunks / global_batch))
 
 
 class RunLogger:
     """log.jsonl + TensorBoard scalars + tqdm, on rank 0 only."""
 
-    def __init__(self, run_dir: str, num_steps: int, start_step: int, enabled: bool):
+    def __init__(self, run_dir: str, num_steps: int, start_step: int, enabled: bool, desc: str = "unlearn"):
         self.enabled = enabled
         self.writer = self.bar = None
         if not enabled:
@@ -119,7 +120,7 @@ class RunLogger:
         from tqdm import tqdm
         self.path = Path(run_dir) / "log.jsonl"
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
-        self.bar = tqdm(total=num_steps, initial=start_step, desc="unlearn", dynamic_ncols=True)
+        self.bar = tqdm(total=num_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
     def step(self, record: dict) -> None:
         if not self.enabled:
@@ -209,13 +210,16 @@ def restore_last_good(engine, run_dir: str, state: RunState) -> bool:
 
 
 def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: bool = False,
-            reference_factory=None, evaluator_factory=None) -> int:
-    """Run one unlearning job end to end. Returns the process exit code."""
+            reference_factory=None, method=None) -> int:
+    """Run one unlearning job end to end. Returns the process exit code.
+
+    ``method`` overrides the registry lookup (``dsunlearn pretrain`` passes plain language modelling).
+    """
     E.init_distributed()
     world = E.world_size()
     ds_config = resolve_configs(cfg, zero_path, world)
     run_dir = cfg.output.run_dir
-    method = build_method(cfg.method)
+    method = method or build_method(cfg.method)
     weights = term_weights(method, cfg.method)
 
     # Rank 0 checks the run dir; every rank learns the verdict, so a refusal exits everywhere with code 2.
@@ -236,7 +240,7 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     with E.main_process_first():
         streams = {name: load_stream(name, path, cfg, tokenizer)
                    for name, path in stream_sources(cfg, method.streams).items()}
-    num_steps = plan_steps(cfg, streams["forget"].stats.num_chunks, world)
+    num_steps = plan_steps(cfg, streams[method.streams[0]].stats.num_chunks, world)
     if E.is_main():
         write_json_atomic(Path(run_dir) / "config.json", to_dict(cfg))
         write_json_atomic(Path(run_dir) / "ds_config.json", ds_config)
@@ -256,8 +260,12 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     state = RunState()
     if resume:
         state.step = load_latest_checkpoint(engine, run_dir)
-    logger = RunLogger(run_dir, num_steps, state.step, E.is_main())
-    evaluator = evaluator_factory(cfg, engine, tokenizer, logger) if evaluator_factory else None
+    logger = RunLogger(run_dir, num_steps, state.step, E.is_main(),
+                       desc="pretrain" if method.streams == ("train",) else "unlearn")
+    evaluator = None
+    if method.streams != ("train",) and any(getattr(cfg.data, n, None) for n in cfg.eval.splits):
+        from .eval.runner import Evaluator
+        evaluator = Evaluator(cfg, engine, tokenizer, logger, ds_config, run_dir)
     if evaluator is not None and not resume:
         evaluator.evaluate(0, label="before")
     pad_id = tokenizer.pad_token_id
@@ -285,18 +293,19 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
                 if evaluator.evaluate(state.step, label=f"step {state.step}") == "stop":
                     state.stop_reason = "stop rule: the forget set looks unseen"
                     break
+        if exit_code == EXIT_OK:
+            save_checkpoint(engine, run_dir, state.step, cfg.checkpoint.keep_last)
+        # With the stop rule on, the evaluator has already exported the weights that best met it.
+        if cfg.output.save_model and weights_ok and not (evaluator is not None and evaluator.tracks_best):
+            E.export_hf_model(engine, tokenizer, str(Path(run_dir) / "model"))
+        if evaluator is not None:
+            evaluator.finish(state)
+        if E.is_main():
+            write_json_atomic(Path(run_dir) / "summary.json",
+                              {"steps": state.step, "num_steps": num_steps, "stop_reason": state.stop_reason,
+                               "exit_code": exit_code})
     finally:
         logger.close()
-    if exit_code == EXIT_OK:
-        save_checkpoint(engine, run_dir, state.step, cfg.checkpoint.keep_last)
-    if cfg.output.save_model and weights_ok:
-        E.export_hf_model(engine, tokenizer, str(Path(run_dir) / "model"))
-    if evaluator is not None:
-        evaluator.finish(state)
-    if E.is_main():
-        write_json_atomic(Path(run_dir) / "summary.json",
-                          {"steps": state.step, "num_steps": num_steps, "stop_reason": state.stop_reason,
-                           "exit_code": exit_code})
     return exit_code
 
 
@@ -321,8 +330,8 @@ def train_step(engine, method, weights, streams, samplers, step, cfg, pad_id, re
         with torch.no_grad():
             nlls = {n: chunk_nll(o.logits.detach(), o.labels).mean() for n, o in outputs.items()}
         # One small all-reduce: every rank must take the same decision.
-        flags = torch.tensor([0.0 if torch.isfinite(total.detach()) else 1.0, float(nlls["forget"])],
-                             dtype=torch.float64)
+        guarded = nlls.get("forget", torch.zeros(()))
+        flags = torch.tensor([0.0 if torch.isfinite(total.detach()) else 1.0, float(guarded)], dtype=torch.float64)
         flags = E.all_reduce_sum(flags)
         forget_nll = flags[1].item() / E.world_size()
         if cfg.guard.stop_on_nonfinite and (flags[0].item() > 0 or not math.isfinite(forget_nll)):

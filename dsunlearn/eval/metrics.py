@@ -15,30 +15,29 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from dsunlearn.eval.mia import MIN_K_PERCENTS, next_token_logprobs, resolve_ref_nll, scores_from_logprobs
+from dsunlearn.eval.mia import MIN_K_PERCENTS, resolve_ref_nll, scores_from_tokens, token_stats
 
 
 def chunk_stats(logits: torch.Tensor, labels: torch.Tensor, *, texts: Sequence[str | bytes] | None = None,
                 ref_logits: torch.Tensor | None = None, ref_nll: torch.Tensor | None = None,
-                min_k_percents: Sequence[int] = MIN_K_PERCENTS) -> dict[str, torch.Tensor]:
+                min_k_percents: Sequence[int] = MIN_K_PERCENTS,
+                block_elements: int | None = None) -> dict[str, torch.Tensor]:
     """Per-chunk statistics from one forward: ``{name: [B] tensor}`` on the logits' device.
 
     ``logits [B,T,V]`` and ``labels [B,T]`` follow ``terms`` (labels aligned with ``input_ids``, -100 ignored, logits
     at t predict ``labels[t+1]``). Keys: ``nll_sum`` (float64, summed next-token NLL), ``num_tokens`` and
     ``num_correct`` (int64, counted tokens and correct top-1 predictions, argmax ties to the lowest id), and the
-    ``mia_*`` scores of ``mia.scores_from_logprobs`` (``texts`` enables ``mia_zlib``; ``ref_logits`` or ``ref_nll``
-    enables ``mia_ref``). Run it under ``torch.no_grad()``.
+    ``mia_*`` scores of ``mia.scores_from_tokens`` (``texts`` enables ``mia_zlib``; ``ref_logits`` or ``ref_nll``
+    enables ``mia_ref``). ``block_elements``: see ``mia.token_stats``. Run it under ``torch.no_grad()``.
     """
-    shifted_logits, logp, picked, mask = next_token_logprobs(logits, labels)
-    targets = labels[:, 1:]
+    tokens = token_stats(logits, labels, block_elements=block_elements)
     stats = {
-        "nll_sum": -picked.double().sum(-1),
-        "num_tokens": mask.sum(-1, dtype=torch.int64),
-        "num_correct": ((shifted_logits.argmax(-1) == targets) & mask).sum(-1, dtype=torch.int64),
+        "nll_sum": -tokens.logprob.double().sum(-1),
+        "num_tokens": tokens.mask.sum(-1, dtype=torch.int64),
+        "num_correct": tokens.correct.sum(-1, dtype=torch.int64),
     }
-    stats.update(scores_from_logprobs(logp, picked, mask, texts=texts,
-                                      ref_nll=resolve_ref_nll(ref_logits, ref_nll, labels),
-                                      min_k_percents=min_k_percents))
+    ref = resolve_ref_nll(ref_logits, ref_nll, labels, block_elements=block_elements)
+    stats.update(scores_from_tokens(tokens, texts=texts, ref_nll=ref, min_k_percents=min_k_percents))
     return stats
 
 

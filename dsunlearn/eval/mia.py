@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,34 +39,62 @@ VARIANCE_FLOOR = 1e-12
 FPR_TARGETS = (0.01, 0.05)
 
 
-def next_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                              torch.Tensor]:
-    """Full next-token log-softmax and the picked entries, computed once for every metric and score.
+class TokenStats(NamedTuple):
+    """Per-token quantities of one forward, ``[B, N]`` each (``N = T - 1``); entries where ``mask`` is False are 0."""
+    logprob: torch.Tensor
+    """fp32 ``log p(labels[t+1] | x<=t)``."""
+    zscore: torch.Tensor
+    """fp32 Min-K%++ statistic ``(log p(x_t) - mu_t) / sigma_t``."""
+    correct: torch.Tensor
+    """bool: the top-1 prediction (argmax, ties to the lowest id) equals the target."""
+    mask: torch.Tensor
+    """bool: the target counts."""
 
-    Returns ``(shifted_logits [B,N,V], logp [B,N,V] fp32, picked [B,N] fp32, mask [B,N] bool)`` with ``N = T-1``;
-    ``picked`` is ``log p(labels[t+1] | x<=t)`` and 0 where masked. Same alignment and fp32 rule as
-    ``terms.token_logprobs``; it is not called here because Min-K%++ needs the whole log-softmax, not only the gather.
+
+def default_block_elements(device: torch.device) -> int:
+    """Logit entries per block in ``token_stats``: fits in cache on CPU (the work is memory-bound), bounds the fp32
+    temporaries to ~256 MiB each on an accelerator, where a whole ``[B,T,V]`` fp32 log-softmax of a 128k vocabulary
+    would not fit next to the logits."""
+    return 2**20 if device.type == "cpu" else 2**26
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, block_elements: int | None = None) -> TokenStats:
+    """Everything the metrics and the scores need from the ``[B,T,V]`` logits, in one pass over row blocks.
+
+    Same alignment and fp32 rule as ``terms.token_logprobs`` (whose ``shift_for_next_token`` it uses), but the full
+    log-softmax is needed for Min-K%++, so it is computed here once per block of ``block_elements`` logit entries and
+    dropped: peak extra memory is a few fp32 blocks, not copies of the logits. The per-row math does not depend on
+    the blocking.
     """
-    shifted_logits, targets, mask = shift_for_next_token(logits, labels)
-    logp = torch.log_softmax(shifted_logits.float(), dim=-1)
+    shifted, targets, mask = shift_for_next_token(logits, labels)
     mask = mask.bool()
-    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
-    return shifted_logits, logp, picked, mask
+    batch, num_pos, vocab = shifted.shape
+    out = [torch.zeros(batch, num_pos, dtype=torch.float32, device=logits.device) for _ in range(2)]
+    correct = torch.zeros(batch, num_pos, dtype=torch.bool, device=logits.device)
+    rows = max(1, (block_elements or default_block_elements(logits.device)) // vocab)
+    if num_pos <= rows:  # whole chunks per block
+        blocks = [(slice(b, b + rows // num_pos), slice(None)) for b in range(0, batch, rows // num_pos)]
+    else:  # slices of one chunk per block
+        blocks = [(slice(b, b + 1), slice(t, t + rows)) for b in range(batch) for t in range(0, num_pos, rows)]
+    for bs, ts in blocks:
+        block, target = shifted[bs, ts], targets[bs, ts]
+        logp = torch.log_softmax(block.float(), dim=-1)
+        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        out[0][bs, ts] = picked
+        out[1][bs, ts] = _min_k_plus_plus(logp, picked)
+        correct[bs, ts] = block.argmax(-1) == target
+    logprob, zscore = (t.masked_fill(~mask, 0.0) for t in out)
+    return TokenStats(logprob=logprob, zscore=zscore, correct=correct & mask, mask=mask)
 
 
-def min_k_plus_plus_tokens(logp: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
-    """Per-token Min-K%++ statistic ``(log p(x_t) - mu_t) / sigma_t``, ``[B,N]`` fp32, from the full log-softmax.
-
-    ``sigma_t^2`` is computed as ``sum_z p(z) (log p(z) - mu_t)^2`` (not ``E[log^2 p] - mu^2``, which cancels
-    catastrophically in fp32 for flat distributions). Masked positions hold garbage: callers mask them.
-    Peak extra memory is two ``[B,N,V]`` fp32 tensors.
-    """
+def _min_k_plus_plus(logp: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    # sigma^2 as sum_z p(z) (log p(z) - mu)^2, not E[log^2 p] - mu^2, which cancels catastrophically in fp32 for flat
+    # distributions.
     probs = logp.exp()
-    mu = torch.einsum("bnv,bnv->bn", probs, logp)
+    mu = torch.einsum("...v,...v->...", probs, logp)
     centred = logp - mu.unsqueeze(-1)
     centred.square_().mul_(probs)
-    var = centred.sum(-1)
-    return (picked - mu) / var.clamp_min(VARIANCE_FLOOR).sqrt()
+    return (picked - mu) / centred.sum(-1).clamp_min(VARIANCE_FLOOR).sqrt()
 
 
 def min_k_mean(values: torch.Tensor, mask: torch.Tensor,
@@ -94,28 +123,26 @@ def zlib_lengths(texts: Sequence[str | bytes]) -> torch.Tensor:
                         dtype=torch.float64)
 
 
-def scores_from_logprobs(logp: torch.Tensor, picked: torch.Tensor, mask: torch.Tensor, *,
-                         texts: Sequence[str | bytes] | None = None, ref_nll: torch.Tensor | None = None,
-                         min_k_percents: Sequence[int] = MIN_K_PERCENTS) -> dict[str, torch.Tensor]:
-    """Every membership score from one forward's ``next_token_logprobs`` output (see the module docstring for keys).
+def scores_from_tokens(tokens: TokenStats, *, texts: Sequence[str | bytes] | None = None,
+                       ref_nll: torch.Tensor | None = None,
+                       min_k_percents: Sequence[int] = MIN_K_PERCENTS) -> dict[str, torch.Tensor]:
+    """Every membership score from one forward's ``token_stats`` (see the module docstring for the keys).
 
     ``texts``: the decoded text (or bytes) of each chunk, for the zlib score (skipped when ``None``).
     ``ref_nll``: the reference model's mean token NLL per chunk (``terms.chunk_nll`` of its logits, or from a cache),
     for the reference score (skipped when ``None``).
     """
-    batch = picked.size(0)
-    counted = mask.sum(-1)
-    empty = counted == 0
-    nll = (-picked.double().sum(-1) / counted.clamp_min(1)).masked_fill(empty, float("nan"))
+    batch = tokens.mask.size(0)
+    counted = tokens.mask.sum(-1)
+    nll = (-tokens.logprob.double().sum(-1) / counted.clamp_min(1)).masked_fill(counted == 0, float("nan"))
     scores = {"mia_loss": -nll}
     if texts is not None:
         if len(texts) != batch:
             raise ValueError(f"got {len(texts)} texts for {batch} chunks")
         scores["mia_zlib"] = -nll / zlib_lengths(texts).to(nll.device)
-    for k, v in min_k_mean(picked, mask, min_k_percents).items():
+    for k, v in min_k_mean(tokens.logprob, tokens.mask, min_k_percents).items():
         scores[f"mia_min_k_{k}"] = v
-    zscores = min_k_plus_plus_tokens(logp, picked)
-    for k, v in min_k_mean(zscores, mask, min_k_percents).items():
+    for k, v in min_k_mean(tokens.zscore, tokens.mask, min_k_percents).items():
         scores[f"mia_min_k_pp_{k}"] = v
     if ref_nll is not None:
         if ref_nll.shape != (batch,):
@@ -126,24 +153,32 @@ def scores_from_logprobs(logp: torch.Tensor, picked: torch.Tensor, mask: torch.T
 
 def membership_scores(logits: torch.Tensor, labels: torch.Tensor, *, texts: Sequence[str | bytes] | None = None,
                       ref_logits: torch.Tensor | None = None, ref_nll: torch.Tensor | None = None,
-                      min_k_percents: Sequence[int] = MIN_K_PERCENTS) -> dict[str, torch.Tensor]:
+                      min_k_percents: Sequence[int] = MIN_K_PERCENTS,
+                      block_elements: int | None = None) -> dict[str, torch.Tensor]:
     """Every membership score per chunk from one forward's ``logits [B,T,V]`` and ``labels [B,T]``: ``{name: [B]}``.
 
     Give the reference model either as ``ref_logits`` (same chunks, same labels) or as precomputed ``ref_nll``.
     """
-    _, logp, picked, mask = next_token_logprobs(logits, labels)
-    return scores_from_logprobs(logp, picked, mask, texts=texts, ref_nll=resolve_ref_nll(ref_logits, ref_nll, labels),
-                                min_k_percents=min_k_percents)
+    return scores_from_tokens(token_stats(logits, labels, block_elements=block_elements), texts=texts,
+                              ref_nll=resolve_ref_nll(ref_logits, ref_nll, labels, block_elements=block_elements),
+                              min_k_percents=min_k_percents)
 
 
-def resolve_ref_nll(ref_logits: torch.Tensor | None, ref_nll: torch.Tensor | None,
-                    labels: torch.Tensor) -> torch.Tensor | None:
-    """The reference mean NLL per chunk from whichever of ``ref_logits`` / ``ref_nll`` was given (not both)."""
+def resolve_ref_nll(ref_logits: torch.Tensor | None, ref_nll: torch.Tensor | None, labels: torch.Tensor, *,
+                    block_elements: int | None = None) -> torch.Tensor | None:
+    """The reference mean NLL per chunk from whichever of ``ref_logits`` / ``ref_nll`` was given (not both).
+
+    From logits it is ``terms.chunk_nll`` over blocks of whole chunks (of about ``block_elements`` logit entries, see
+    ``token_stats``), so its fp32 log-softmax never spans the whole batch.
+    """
     if ref_logits is not None and ref_nll is not None:
         raise ValueError("give ref_logits or ref_nll, not both")
-    if ref_logits is not None:
-        return chunk_nll(ref_logits, labels).double()
-    return ref_nll
+    if ref_logits is None:
+        return ref_nll
+    batch, seq, vocab = ref_logits.shape
+    per_block = max(1, (block_elements or default_block_elements(ref_logits.device)) // (seq * vocab))
+    return torch.cat([chunk_nll(ref_logits[b:b + per_block], labels[b:b + per_block])
+                      for b in range(0, batch, per_block)]).double()
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target_fpr: float) -> float:

@@ -70,3 +70,104 @@ def cross_entropy_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     targets = targets.masked_fill(mask == 0, IGNORE_INDEX)
     return F.cross_entropy(upcast(shifted_logits).reshape(-1, shifted_logits.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Terms against the frozen original model (theta_0) and the other methods' losses.
+
+def chunk_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, P]`` per-position values -> ``[B]`` mean over each chunk's counted positions (0 for an empty chunk)."""
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends (Maechler 2012). ``x`` is clamped just below 0: a
+    mass that rounds to 1 in fp32 leaves ~1 ulp, not ``log 0``."""
+    x = x.clamp(max=-torch.finfo(x.dtype).eps)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def reference_distribution(logits: torch.Tensor, topk: int | None = None):
+    """theta_0's next-token distribution in the form the KL term takes: ``(logprobs, ids, rest_logmass)``.
+
+    - ``topk`` None or >= vocab: the full log-probabilities ``[B, T, V]`` and ``ids = rest_logmass = None``.
+    - otherwise the top-k log-probs and their ids ``[B, T, k]`` and ``rest_logmass`` ``[B, T]`` = log of the mass
+      outside the top k (summed exactly from the other entries, not as ``1 - sum``, so it keeps its digits).
+    """
+    logp = torch.log_softmax(upcast(logits), dim=-1)
+    if topk is None or topk >= logp.size(-1):
+        return logp, None, None
+    values, ids = logp.topk(topk, dim=-1)
+    rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return values, ids, rest
+
+
+def kl_to_reference(logits: torch.Tensor, labels: torch.Tensor, ref_logprobs: torch.Tensor,
+                    ref_ids: torch.Tensor | None = None, ref_rest_logmass: torch.Tensor | None = None) -> torch.Tensor:
+    """Batch KL(p_theta0 || p_theta): per position, mean over each chunk's counted positions, mean over chunks.
+
+    Positions count where the next token is not padding (the positions NLL counts). With ``ref_ids`` None the
+    reference is the full distribution and the KL is exact. With top-k ids the KL is taken between the two
+    distributions coarsened to {the k tokens, "everything else"}:
+
+        sum_{v in K} p0(v) log(p0(v) / p(v))  +  P0_rest log(P0_rest / P_rest),   P_rest = 1 - sum_{v in K} p(v)
+
+    a lower bound of the exact KL (data processing), equal to it when k = vocab and 0 when theta = theta_0.
+    """
+    shifted, _, mask = shift_for_next_token(upcast(logits), labels)
+    logp = torch.log_softmax(shifted, dim=-1)
+    lp0 = ref_logprobs[:, :-1].to(logp.dtype)
+    if ref_ids is None:
+        # exp(-inf) * (-inf - x) is NaN: a token theta_0 gives probability 0 contributes 0.
+        lp0 = lp0.clamp(min=torch.finfo(lp0.dtype).min)
+        per_position = (lp0.exp() * (lp0 - logp)).sum(-1)
+    else:
+        lpk = logp.gather(-1, ref_ids[:, :-1].long())
+        head = (lp0.exp() * (lp0 - lpk)).sum(-1)
+        rest0 = ref_rest_logmass[:, :-1].to(logp.dtype)
+        has_rest = torch.isfinite(rest0)
+        safe_rest0 = torch.where(has_rest, rest0, torch.zeros_like(rest0))  # no NaN in the unused branch's gradient
+        rest = log1mexp(lpk.logsumexp(-1))
+        tail = torch.where(has_rest, safe_rest0.exp() * (safe_rest0 - rest), torch.zeros_like(rest))
+        per_position = head + tail
+    return chunk_mean(per_position, mask.to(per_position.dtype)).mean()
+
+
+def npo_loss(seq_logprob: torch.Tensor, ref_seq_logprob: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO (Zhang et al. 2024, eq. 3): ``-(2/beta) * mean log sigmoid(-beta * (log pi(y) - log pi_0(y)))``.
+
+    ``seq_logprob`` are sequence log-likelihoods (sums over the chunk's tokens, ``sequence_logprob``). At theta =
+    theta_0 the loss is ``(2/beta) log 2`` and its gradient is exactly GA's on the summed log-likelihood.
+    """
+    ratio = upcast(seq_logprob) - upcast(ref_seq_logprob).to(upcast(seq_logprob).dtype)
+    return -(2.0 / beta) * torch.nn.functional.logsigmoid(-beta * ratio).mean()
+
+
+def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024, eq. 4): ``-(2/beta) * mean log sigmoid(-(beta/|y|) log pi(y) - gamma)``.
+
+    Reference-free: the length-normalised log-likelihood ``log pi(y) / |y|`` (|y| = counted tokens of the chunk)
+    replaces NPO's log-ratio to theta_0; ``gamma`` is the reward margin.
+    """
+    picked, mask = token_logprobs(logits, labels)
+    mean_logprob = picked.sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return -(2.0 / beta) * torch.nn.functional.logsigmoid(-beta * mean_logprob - gamma).mean()
+
+
+def activation_mse(hidden: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """RMU's activation distance: per real token the mean over hidden units of the squared error to ``target``
+    (``[B, T, H]`` or a broadcastable ``[H]``), mean over each chunk's real tokens, mean over chunks."""
+    hidden = upcast(hidden)
+    squared = (hidden - target.to(hidden.dtype)).pow(2).mean(-1)
+    return chunk_mean(squared, (labels != IGNORE_INDEX).to(squared.dtype)).mean()
+
+
+def adversarial_targets(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Labels (aligned like ``labels``) whose target at position t+1 is theta_0's most likely token at position t
+    *other than* the true token t+1. Uncounted targets stay ``IGNORE_INDEX``; position 0 (never a target) keeps its
+    label. (The study's released code excluded token t instead, aiming at the guess two positions ahead.)"""
+    shifted, targets, mask = shift_for_next_token(logits, labels)
+    best = shifted.scatter(-1, targets.unsqueeze(-1), float("-inf")).argmax(-1)
+    out = labels.clone()
+    out[:, 1:] = torch.where(mask.bool(), best, torch.full_like(best, IGNORE_INDEX))
+    return out

@@ -168,3 +168,12 @@ def test_min_k_count_floor_at_least_one():
 def test_texts_length_checked(setup):
     with pytest.raises(ValueError, match="texts"):
         chunk_stats(setup["logits"], setup["labels"], texts=["a"])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 25, 1000])  # < one chunk, two chunks per block, all in one block
+def test_blocking_does_not_change_results(setup, rows):
+    s = setup
+    a = chunk_stats(s["logits"], s["labels"], texts=s["texts"])
+    b = chunk_stats(s["logits"], s["labels"], texts=s["texts"], block_elements=rows * VOCAB)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

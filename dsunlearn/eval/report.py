@@ -1,0 +1,94 @@
+"""report.md + PNG plots of an unlearning run (or of one model's evaluation): a user would rather look than read."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .plots import plot_loss_histograms, plot_roc, plot_split_losses_over_steps
+
+ROC_ATTACKS = ("loss", "zlib", "min_k_20", "min_k_pp_20", "ref")
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def split_table(columns: dict[str, Optional[dict]]) -> list[str]:
+    """Markdown table: one row per split, one column per model state (loss / accuracy)."""
+    present = {k: v for k, v in columns.items() if v}
+    splits = []
+    for v in present.values():
+        splits += [s for s in v["splits"] if s not in splits]
+    head = "| split | " + " | ".join(f"{name} loss" for name in present) + " | " + \
+           " | ".join(f"{name} acc" for name in present) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(present))]
+    for s in splits:
+        losses = [_fmt(v["splits"].get(s, {}).get("loss")) for v in present.values()]
+        accs = [_fmt(v["splits"].get(s, {}).get("accuracy")) for v in present.values()]
+        lines.append(f"| {s} | " + " | ".join(losses) + " | " + " | ".join(accs) + " |")
+    gaps = [_fmt(v.get("forget_gap")) for v in present.values()]
+    lines.append("| **forget − approximate** | " + " | ".join(gaps) + " |" + " |" * len(present))
+    return lines
+
+
+def mia_table(columns: dict[str, Optional[dict]]) -> list[str]:
+    present = {k: v for k, v in columns.items() if v and v.get("mia")}
+    if not present:
+        return []
+    attacks = list(next(iter(present.values()))["mia"])
+    lines = ["| attack | " + " | ".join(f"{n} AUC" for n in present) + " | " +
+             " | ".join(f"{n} TPR@1%FPR" for n in present) + " |", "|" + "---|" * (1 + 2 * len(present))]
+    for a in attacks:
+        aucs = [_fmt(v["mia"].get(a, {}).get("auc")) for v in present.values()]
+        tprs = [_fmt(v["mia"].get(a, {}).get("tpr_at_1pct_fpr")) for v in present.values()]
+        lines.append(f"| {a} | " + " | ".join(aucs) + " | " + " | ".join(tprs) + " |")
+    return lines
+
+
+def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], retrained: Optional[dict],
+                 extra_sections: Optional[list[str]] = None) -> Path:
+    run_dir = Path(run_dir)
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    history = [{"step": h["step"], **{s: m["loss"] for s, m in h["splits"].items()}} for h in metrics["history"]]
+    targets = {}
+    if retrained:
+        for s in ("forget", "approximate"):
+            if s in retrained["splits"]:
+                targets[f"retrained: {s}"] = retrained["splits"][s]["loss"]
+    images = []
+    if len(history) > 1:
+        images.append(("Loss per split over steps", plot_split_losses_over_steps(history, plots / "losses.png", targets)))
+    if after.get("mia"):
+        curves = {a: (after["mia"][a]["fpr"], after["mia"][a]["tpr"], after["mia"][a]["auc"])
+                  for a in ROC_ATTACKS if a in after["mia"]}
+        images.append(("Membership-inference ROC (forget = members, approximate = non-members), exported weights",
+                       plot_roc(curves, plots / "roc.png")))
+    if "forget" in after["chunk_loss"] and "approximate" in after["chunk_loss"]:
+        images.append(("Per-chunk loss: forget vs approximate",
+                       plot_loss_histograms(after["chunk_loss"]["forget"], after["chunk_loss"]["approximate"],
+                                            plots / "hist.png",
+                                            retrained=(retrained or {}).get("chunk_loss", {}).get("forget"))))
+    columns = {"before": before, "after": after, "retrained": retrained}
+    lines = [f"# dsunlearn report: {metrics.get('method', '')}", "",
+             f"- model: `{metrics.get('model')}`",
+             f"- steps run: {metrics.get('steps')}; weights exported from step {metrics.get('exported_step')}",
+             f"- stop: {metrics.get('stop_reason') or 'planned number of steps reached'}",
+             f"- **verdict: {metrics.get('verdict')}**", "",
+             "## Losses (mean token NLL) and top-1 accuracy", "",
+             "`after` = the exported weights; `retrained` = the exactly retrained twin (when given). "
+             "The forget set looks unseen when its loss matches the approximate (unseen) set's and the twin's.", "",
+             *split_table(columns), "",
+             "## Membership inference (AUC 0.5 = indistinguishable; reported as is, never folded)", "",
+             *mia_table(columns), ""]
+    for section in extra_sections or []:
+        lines += [section, ""]
+    for title, path in images:
+        lines += [f"### {title}", "", f"![{title}]({path.relative_to(run_dir)})", ""]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report

@@ -1,0 +1,240 @@
+"""Distributed evaluation: every rank scores a shard of each split with ONE forward per chunk; stats are gathered.
+
+Used three ways: inside ``unlearn`` (before, every ``eval.every_n_steps``, after), by ``dsunlearn eval --model DIR``,
+and for the exactly retrained model when one is given (``eval.retrained_model``).
+
+Under ZeRO-3 every forward is collective (parameters are gathered from all ranks), so every rank runs the same number
+of forwards: a rank whose shard is shorter repeats its last chunk and drops the extra result.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import engine as E
+from ..config import RunConfig
+from ..data import collate, shard_indices
+from .metrics import chunk_stats, concat_stats, split_metrics
+from .mia import attack_report
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MEMBER_SPLIT, NONMEMBER_SPLIT = "forget", "approximate"
+
+
+@dataclass
+class EvalSplit:
+    name: str
+    input_ids: list  # list of token-id lists, one per chunk (unpadded)
+    texts: list      # decoded text per chunk (zlib attack)
+
+
+def load_eval_splits(cfg: RunConfig, tokenizer) -> dict[str, EvalSplit]:
+    """Tokenise every configured split of ``eval.splits`` (those without data are skipped)."""
+    from ..loop import load_stream
+    out = {}
+    for name in cfg.eval.splits:
+        path = getattr(cfg.data, name, None)
+        if not path:
+            continue
+        chunks = load_stream(name, path, cfg, tokenizer).chunks
+        if cfg.eval.max_chunks is not None and len(chunks) > cfg.eval.max_chunks:
+            chunks = chunks.select(range(cfg.eval.max_chunks))
+        ids = [list(x) for x in chunks["input_ids"]]
+        out[name] = EvalSplit(name=name, input_ids=ids, texts=tokenizer.batch_decode(ids))
+    return out
+
+
+@torch.no_grad()
+def score_split(model_engine, split: EvalSplit, seq_len: int, pad_id: int, micro_batch: int,
+                ref_nll: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """Per-chunk stats for the whole split, identical on every rank, in the split's chunk order."""
+    world, rank = E.world_size(), E.rank()
+    mine = shard_indices(len(split.input_ids), rank, world)
+    num_batches = math.ceil(math.ceil(len(split.input_ids) / world) / micro_batch)
+    parts = []
+    for b in range(num_batches):
+        idx = mine[b * micro_batch:(b + 1) * micro_batch]
+        real = len(idx)
+        if real < micro_batch:  # keep every rank's forward count equal (ZeRO-3 gathers are collective)
+            idx = idx + [mine[-1] if mine else 0] * (micro_batch - real)
+        batch = collate([split.input_ids[i] for i in idx], seq_len, pad_id)
+        logits = E.forward(model_engine, batch).logits
+        stats = chunk_stats(logits, batch["labels"].to(logits.device), texts=[split.texts[i] for i in idx],
+                            ref_nll=None if ref_nll is None else ref_nll[idx])
+        parts.append({k: v[:real].cpu() for k, v in stats.items()})
+    local = concat_stats([p for p in parts if next(iter(p.values())).numel()]) if any(
+        next(iter(p.values())).numel() for p in parts) else {}
+    gathered = E.all_gather_objects((mine, local))
+    order, pieces = [], []
+    for indices, stats in gathered:
+        if indices:
+            order.extend(indices)
+            pieces.append(stats)
+    full = concat_stats(pieces)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return {k: v[inverse] for k, v in full.items()}
+
+
+def evaluate_model(model_engine, splits: dict[str, EvalSplit], cfg: RunConfig, pad_id: int, mia: bool = True,
+                   ref_nll: Optional[dict] = None) -> dict:
+    """Metrics of every split, membership attacks (forget = members, approximate = non-members), per-chunk losses."""
+    was_training = model_engine.training
+    model_engine.eval()
+    result = {"splits": {}, "chunk_loss": {}}
+    stats = {}
+    for name, split in splits.items():
+        stats[name] = score_split(model_engine, split, cfg.data.seq_len, pad_id, cfg.eval.micro_batch_size,
+                                  ref_nll=(ref_nll or {}).get(name))
+        result["splits"][name] = split_metrics(stats[name])
+        result["chunk_loss"][name] = (-stats[name]["mia_loss"]).tolist()
+    if mia and MEMBER_SPLIT in stats and NONMEMBER_SPLIT in stats:
+        attacks = {}
+        for key in sorted(k for k in stats[MEMBER_SPLIT] if k.startswith("mia_")):
+            attacks[key[4:]] = attack_report(stats[MEMBER_SPLIT][key].numpy(), stats[NONMEMBER_SPLIT][key].numpy())
+        result["mia"] = attacks
+    if MEMBER_SPLIT in result["splits"] and NONMEMBER_SPLIT in result["splits"]:
+        result["forget_gap"] = result["splits"][MEMBER_SPLIT]["loss"] - result["splits"][NONMEMBER_SPLIT]["loss"]
+    if was_training:
+        model_engine.train()
+    return result
+
+
+def stop_rule_holds(result: dict, cfg: RunConfig) -> bool:
+    """"The forget set looks unseen": |forget loss - approximate loss| <= tolerance (and AUC in band, if asked)."""
+    if cfg.eval.stop_tolerance <= 0 or "forget_gap" not in result:
+        return False
+    ok = abs(result["forget_gap"]) <= cfg.eval.stop_tolerance
+    if ok and cfg.eval.stop_auc_band is not None and "mia" in result:
+        ok = abs(result["mia"]["loss"]["auc"] - 0.5) <= cfg.eval.stop_auc_band
+    return ok
+
+
+def verdict(result: dict, cfg: RunConfig) -> str:
+    """A plain word for the final state, judged against the approximate set (or the retrained twin's gap)."""
+    if "forget_gap" not in result:
+        return "no approximate set: forget-vs-unseen not judged"
+    tol = cfg.eval.stop_tolerance if cfg.eval.stop_tolerance > 0 else 0.05
+    gap = result["forget_gap"]
+    if abs(gap) <= tol:
+        return "forgotten: the forget set looks unseen"
+    if gap > tol:
+        return "FAILURE: over-unlearned (forget loss far above unseen text)"
+    return "not yet forgotten (forget loss still below unseen text)"
+
+
+def compact(result: dict) -> dict:
+    """The figures of one evaluation without per-chunk lists and ROC points (for logs and history)."""
+    out = {"splits": result["splits"]}
+    if "forget_gap" in result:
+        out["forget_gap"] = result["forget_gap"]
+    if "mia" in result:
+        out["mia"] = {k: {m: v[m] for m in ("auc", "balanced_accuracy", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr")
+                          if m in v} for k, v in result["mia"].items()}
+    return out
+
+
+def write_json(path: Path, data) -> None:
+    from ..loop import write_json_atomic
+    write_json_atomic(path, data)
+
+
+def scalars(result: dict, prefix: str = "eval") -> dict:
+    out = {f"{prefix}/{name}/loss": m["loss"] for name, m in result["splits"].items()}
+    out.update({f"{prefix}/{name}/accuracy": m["accuracy"] for name, m in result["splits"].items()})
+    if "mia" in result:
+        out.update({f"{prefix}/mia/{k}/auc": v["auc"] for k, v in result["mia"].items()})
+    if "forget_gap" in result:
+        out[f"{prefix}/forget_gap"] = result["forget_gap"]
+    return out
+
+
+def load_frozen(cfg: RunConfig, ds_config: dict, path: str):
+    """A model directory as a frozen ZeRO engine (sharded like the trained one) for scoring."""
+    from ..zero import reference_config
+    ref_cfg = reference_config(ds_config)
+    model, handle = E.load_model(cfg, ref_cfg, path=path)
+    return E.build_frozen_engine(model, ref_cfg), handle
+
+
+class Evaluator:
+    """Evaluation inside ``unlearn``: history, TensorBoard scalars, the stop rule, best-weights export, the report.
+
+    When the stop rule is on (``eval.stop_tolerance > 0``) the model directory always holds the weights that best met
+    it so far (smallest |forget - approximate| gap), exported at the evaluation that found them.
+    """
+
+    def __init__(self, cfg: RunConfig, engine, tokenizer, logger, ds_config: dict, run_dir: str):
+        from ..config import ConfigError
+        self.cfg, self.engine, self.tokenizer, self.logger = cfg, engine, tokenizer, logger
+        self.run_dir = Path(run_dir)
+        self.pad_id = tokenizer.pad_token_id
+        with E.main_process_first():
+            self.splits = load_eval_splits(cfg, tokenizer)
+        self.tracks_best = cfg.eval.stop_tolerance > 0
+        if self.tracks_best and not (MEMBER_SPLIT in self.splits and NONMEMBER_SPLIT in self.splits):
+            raise ConfigError("eval.stop_tolerance: the stop rule needs data.forget and data.approximate")
+        self.history: list[dict] = []
+        self.best: Optional[dict] = None
+        self.last_full: Optional[dict] = None
+        self.before: Optional[dict] = None
+        self.retrained: Optional[dict] = None
+        self.ref_nll = None
+        if cfg.eval.retrained_model:
+            E.check_model_dir(type(cfg)(**{**cfg.__dict__, "model": type(cfg.model)(
+                **{**cfg.model.__dict__, "path": cfg.eval.retrained_model, "init": "pretrained"})}))
+            frozen, _handle = load_frozen(cfg, ds_config, cfg.eval.retrained_model)
+            self.retrained = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=cfg.eval.mia)
+            # The retrained model's per-chunk loss calibrates the reference-model attack on the trained one.
+            self.ref_nll = {n: torch.tensor(v, dtype=torch.float64) for n, v in self.retrained["chunk_loss"].items()}
+            del frozen
+
+    def evaluate(self, step: int, label: str) -> Optional[str]:
+        result = evaluate_model(self.engine, self.splits, self.cfg, self.pad_id, mia=self.cfg.eval.mia,
+                                ref_nll=self.ref_nll)
+        entry = {"step": step, "label": label, **compact(result)}
+        self.history.append(entry)
+        self.last_full = result
+        if self.before is None:
+            self.before = result
+        self.logger.scalars(step, scalars(result))
+        if E.is_main():
+            log.info("eval %s: %s", label, ", ".join(f"{k} {v['loss']:.4f}" for k, v in result["splits"].items()))
+        if self.tracks_best and (self.best is None or abs(result["forget_gap"]) < abs(self.best["entry"]["forget_gap"])):
+            self.best = {"entry": entry, "result": result}
+            if self.cfg.output.save_model:
+                E.export_hf_model(self.engine, self.tokenizer, str(self.run_dir / "model"))
+        return "stop" if stop_rule_holds(result, self.cfg) else None
+
+    def finish(self, state, extra: Optional[dict] = None) -> dict:
+        """Final evaluation (when the last one was not of the final weights), metrics.json, report.md, plots."""
+        if not self.history or self.history[-1]["step"] != state.step:
+            self.evaluate(state.step, label="after")
+        after = self.best if self.tracks_best else {"entry": self.history[-1], "result": self.last_full}
+        metrics = {
+            "schema_version": SCHEMA_VERSION,
+            "method": self.cfg.method.name,
+            "model": self.cfg.model.path,
+            "steps": state.step,
+            "stop_reason": state.stop_reason,
+            "exported_step": after["entry"]["step"],
+            "verdict": verdict(after["result"], self.cfg),
+            "before": compact(self.before),
+            "after": compact(after["result"]),
+            "retrained": compact(self.retrained) if self.retrained else None,
+            "history": self.history,
+            **(extra or {}),
+        }
+        if E.is_main():
+            write_json(self.run_dir / "metrics.json", metrics)
+            from .report import write_report
+            write_report(self.run_dir, metrics, after["result"], self.before, self.retrained)
+        return metrics
