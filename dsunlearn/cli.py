@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty run directory")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
+    p = sub.add_parser("eval", help="evaluate a model directory: losses, accuracy, membership inference, report")
+    _add_run_args(p)
+    p.add_argument("--model", required=True, help="Hugging Face model directory to evaluate")
+    p.add_argument("--out", required=True, help="where metrics.json, report.md and plots/ are written")
+
+    p = sub.add_parser("demo", help="the built-in demo world end to end: unlearn with GA+GD, evaluate, report",
+                       add_help=False)
+    p.add_argument("demo_args", nargs=argparse.REMAINDER)
+
     sub.add_parser("methods", help="list the registered unlearning methods")
     return parser
 
@@ -114,6 +123,22 @@ def dry_run(cfg, zero_path: str, world_size: int) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval.runner import run_eval
+    cfg = load_run_config(args.config, args.overrides)
+    metrics = run_eval(cfg, args.zero, args.model, args.out)
+    from . import engine as E
+    if E.is_main():
+        print(json.dumps({"verdict": metrics["verdict"], **metrics["after"]["splits"]}, indent=1))
+        print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo.run import main as demo_main
+    return demo_main(args.demo_args)
+
+
 def cmd_methods(args) -> int:
     from .methods import METHODS
     for name, cls in sorted(METHODS.items()):
@@ -122,7 +147,8 @@ def cmd_methods(args) -> int:
     return 0
 
 
-COMMANDS = {"unlearn": cmd_unlearn, "pretrain": cmd_pretrain, "methods": cmd_methods}
+COMMANDS = {"unlearn": cmd_unlearn, "pretrain": cmd_pretrain, "eval": cmd_eval, "demo": cmd_demo,
+            "methods": cmd_methods}
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

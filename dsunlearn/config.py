@@ -80,6 +80,10 @@ class ReferenceConfig:
     forward per micro-step) or "cache" (its outputs computed once before training and stored)."""
     topk: int = 64
     """Cached KL: keep the reference's top-k log-probs per position plus the remaining mass (exact when k = vocab)."""
+    cache_dir: Optional[str] = None
+    """Where reference caches and precomputed labels (random/adversarial) are stored, keyed by a content hash of
+    (model, data, settings) and rebuilt when it changes; default ``<run_dir>/../.cache/dsunlearn``. Every rank must
+    see it (a shared filesystem on multi-node jobs)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,9 +22,10 @@ from typing import Optional
 import torch
 
 from . import engine as E
+from . import reference as R
 from .config import ConfigError, RunConfig, to_dict
 from .data import StreamSampler, collate, load_documents, tokenize_and_chunk
-from .methods import build_method, term_weights
+from .methods import build_method, select_trainable, term_weights
 from .methods.base import StreamOutputs
 from .methods.terms import chunk_nll
 from .zero import load_zero_json, resolve
@@ -42,9 +43,14 @@ class Stream:
     source: str
     chunks: object  # datasets.Dataset of chunks
     stats: object
+    fields: dict = field(default_factory=dict)
+    """Per-chunk fields computed once before training (e.g. "random_labels"): name -> (rows -> [len(rows), ...])."""
 
     def batch(self, indices: list[int], seq_len: int, pad_id: int) -> dict:
-        return collate(self.chunks[indices]["input_ids"], seq_len, pad_id)
+        out = collate(self.chunks[indices]["input_ids"], seq_len, pad_id)
+        out["row"] = torch.as_tensor(indices, dtype=torch.long)  # lets a reference cache find these chunks
+        out.update({name: read(indices) for name, read in self.fields.items()})
+        return out
 
 
 @dataclass
@@ -249,8 +255,12 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
         write_json_atomic(Path(run_dir) / "data_stats.json",
                           {n: {"source": s.source, **s.stats.__dict__} for n, s in streams.items()})
     model, _hf_ds_handle = E.load_model(cfg, ds_config)
+    select_trainable(model, method)  # RMU trains a few matrices: frozen before DeepSpeed sees the parameters
     engine = E.build_train_engine(model, ds_config, cfg, num_steps)
-    reference = reference_factory(cfg, ds_config, streams, tokenizer) if reference_factory else None
+    # Until its first step (or a resume's checkpoint load) the engine holds theta_0: precomputed labels and reference
+    # caches are computed from it, so reference.mode="cache" never has a second model in memory.
+    R.attach_precomputed(cfg, method, engine, streams, tokenizer)
+    reference = (reference_factory or R.build_reference)(cfg, ds_config, method, engine, streams, tokenizer)
 
     t = cfg.train
     samplers = {name: StreamSampler(num_chunks=s.stats.num_chunks,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import engine as E
@@ -46,7 +47,9 @@ def load_eval_splits(cfg: RunConfig, tokenizer) -> dict[str, EvalSplit]:
             continue
         chunks = load_stream(name, path, cfg, tokenizer).chunks
         if cfg.eval.max_chunks is not None and len(chunks) > cfg.eval.max_chunks:
-            chunks = chunks.select(range(cfg.eval.max_chunks))
+            # A seeded sample over all documents (the first N chunks would be the first few documents only).
+            rng = np.random.default_rng([cfg.train.seed, len(chunks)])
+            chunks = chunks.select(np.sort(rng.choice(len(chunks), cfg.eval.max_chunks, replace=False)))
         ids = [list(x) for x in chunks["input_ids"]]
         out[name] = EvalSplit(name=name, input_ids=ids, texts=tokenizer.batch_decode(ids))
     return out
@@ -172,14 +175,15 @@ class Evaluator:
     it so far (smallest |forget - approximate| gap), exported at the evaluation that found them.
     """
 
-    def __init__(self, cfg: RunConfig, engine, tokenizer, logger, ds_config: dict, run_dir: str):
+    def __init__(self, cfg: RunConfig, engine, tokenizer, logger, ds_config: dict, run_dir: str,
+                 track_best: bool = True):
         from ..config import ConfigError
         self.cfg, self.engine, self.tokenizer, self.logger = cfg, engine, tokenizer, logger
         self.run_dir = Path(run_dir)
         self.pad_id = tokenizer.pad_token_id
         with E.main_process_first():
             self.splits = load_eval_splits(cfg, tokenizer)
-        self.tracks_best = cfg.eval.stop_tolerance > 0
+        self.tracks_best = track_best and cfg.eval.stop_tolerance > 0
         if self.tracks_best and not (MEMBER_SPLIT in self.splits and NONMEMBER_SPLIT in self.splits):
             raise ConfigError("eval.stop_tolerance: the stop rule needs data.forget and data.approximate")
         self.history: list[dict] = []
@@ -238,3 +242,23 @@ class Evaluator:
             from .report import write_report
             write_report(self.run_dir, metrics, after["result"], self.before, self.retrained)
         return metrics
+
+
+def run_eval(cfg: RunConfig, zero_path: str, model_dir: str, out_dir: str) -> dict:
+    """``dsunlearn eval``: score one model directory on every configured split, across all ranks."""
+    from ..loop import RunLogger, RunState, resolve_configs
+    E.init_distributed()
+    ds_config = resolve_configs(cfg, zero_path, E.world_size())
+    model_cfg = type(cfg.model)(**{**cfg.model.__dict__, "path": model_dir, "init": "pretrained"})
+    cfg = type(cfg)(**{**cfg.__dict__, "model": model_cfg})
+    E.check_model_dir(cfg)
+    tokenizer = E.load_tokenizer(cfg)
+    E.check_model_tokenizer(E.load_model_config(cfg), tokenizer, cfg.data.seq_len)
+    if E.is_main():
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    E.barrier()
+    frozen, _handle = load_frozen(cfg, ds_config, model_dir)
+    evaluator = Evaluator(cfg, frozen, tokenizer, RunLogger(out_dir, 0, 0, enabled=False), ds_config, out_dir,
+                          track_best=False)
+    evaluator.evaluate(0, label="model")
+    return evaluator.finish(RunState(step=0))

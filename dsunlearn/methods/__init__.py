@@ -2,16 +2,33 @@
 
 Adding a method: one file with a frozen dataclass (paper defaults as fields, ``terms`` returning named losses) and
 one line here. See docs/methods.md.
+
+The study's seven (Yao et al. 2024) are ga, random_labels, adversarial_labels, ga_gd and ga_kl; "in-distribution"
+vs "general" retain data is the data knob ``data.retain_source`` ("retain" | "general"), not a separate method.
 """
 from __future__ import annotations
 
+import re
+
 from ..config import ConfigError, MethodConfig, from_dict
+from .adversarial_labels import AdversarialLabels
 from .ga import GradientAscent
 from .ga_gd import GradDiff
+from .ga_kl import GradKL
+from .npo import NPO
+from .random_labels import RandomLabels
+from .rmu import RMU
+from .simnpo import SimNPO
 
 METHODS = {
     "ga": GradientAscent,
+    "random_labels": RandomLabels,
+    "adversarial_labels": AdversarialLabels,
     "ga_gd": GradDiff,
+    "ga_kl": GradKL,
+    "npo": NPO,
+    "simnpo": SimNPO,
+    "rmu": RMU,
 }
 
 
@@ -21,12 +38,35 @@ def build_method(cfg: MethodConfig):
         raise ConfigError(f"method.name: unknown method {cfg.name!r}; valid: {', '.join(sorted(METHODS))}")
     cls = METHODS[cfg.name]
     method = from_dict(cls, cfg.params, where="method.params")
-    unknown = sorted(set(cfg.weights) - set(cls.term_names))
+    # term_names may depend on the params (NPO's optional retain term), so check against the instance.
+    unknown = sorted(set(cfg.weights) - set(method.term_names))
     if unknown:
         raise ConfigError(f"method.weights: unknown term(s) {', '.join(map(repr, unknown))} for {cfg.name!r}; "
-                          f"its terms: {', '.join(cls.term_names)}")
+                          f"its terms: {', '.join(method.term_names)}")
     return method
 
 
 def term_weights(method, cfg: MethodConfig) -> dict[str, float]:
-    return {name: float(cfg.weights.get(name, 1.0)) for name in method.term_names}
+    """The run config's weight, else the method's paper default, else 1.0."""
+    defaults = getattr(method, "default_weights", {})
+    return {name: float(cfg.weights.get(name, defaults.get(name, 1.0))) for name in method.term_names}
+
+
+def select_trainable(model, method) -> list[str]:
+    """Freeze every parameter that the method's ``trainable_params`` regex does not fully match.
+
+    Must run before the engine is built: DeepSpeed and the optimizer only see parameters that require grad. Returns
+    the names left trainable (all of them when the method has no pattern).
+    """
+    pattern = getattr(method, "trainable_params", None)
+    names = [n for n, _ in model.named_parameters()]
+    if pattern is None:
+        return names
+    regex = re.compile(pattern)
+    keep = [n for n in names if regex.fullmatch(n)]
+    if not keep:
+        raise ConfigError(f"method.params.trainable_params: {pattern!r} matches no parameter of the model "
+                          f"(e.g. {', '.join(names[:3])}, ...)")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in keep)
+    return keep

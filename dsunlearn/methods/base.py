@@ -54,6 +54,13 @@ class Method(Protocol):
     needs_hidden_states: ClassVar[bool]
     citation: ClassVar[str]
 
+    # Optional (read with getattr and these defaults by the registry and the loop):
+    #   precomputed: dict = {}        stream -> per-chunk field computed once before training and handed over in
+    #                                 StreamOutputs.extra: "random_labels" or "adversarial_labels" (see reference.py)
+    #   default_weights: dict = {}    paper-default term weights; method.weights in the run config overrides them
+    #   trainable_params: str = None  regex (re.fullmatch on parameter names): only those train; set before the engine
+    #   hidden_index: int             which entry of the forward's hidden_states a "hidden" reference stores
+
     def terms(self, outputs: dict[str, StreamOutputs]) -> dict[str, torch.Tensor]:
         """Named scalar loss terms; the loop weighs and sums them, then backpropagates once."""
         ...
