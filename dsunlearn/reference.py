@@ -147,9 +147,9 @@ class RowStore:
             buf[i * self.row_bytes:(i + 1) * self.row_bytes] = data
         return torch.frombuffer(buf, dtype=self.dtype).reshape(len(rows), *self.row_shape)
 
-    def __del__(self):
+    def __del__(self, _close=os.close):  # os may already be gone at interpreter exit
         if self._fd is not None:
-            os.close(self._fd)
+            _close(self._fd)
 
 
 class _EntryWriter:
@@ -415,6 +415,7 @@ def _write_report(cfg: RunConfig, section: str, entries: dict) -> None:
     if not E.is_main() or not entries:
         return
     path = Path(cfg.output.run_dir) / "reference.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
