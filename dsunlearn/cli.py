@@ -109,16 +109,15 @@ def cmd_unlearn(args) -> int:
 def dry_run(cfg, zero_path: str, world_size: int) -> int:
     """Everything a launch would check before the process group exists."""
     from . import engine as E
-    from .loop import resolve_configs, stream_sources
+    from .loop import load_stream, resolve_configs, stream_sources
     from .methods import build_method
-    from .data import load_documents
     ds_config = resolve_configs(cfg, zero_path, world_size)
     method = build_method(cfg.method)
     E.check_model_dir(cfg)
     tokenizer = E.load_tokenizer(cfg)
     E.check_model_tokenizer(E.load_model_config(cfg), tokenizer, cfg.data.seq_len)
     for name, path in stream_sources(cfg, method.streams).items():
-        load_documents(path, cfg.data.text_field)
+        load_stream(name, path, cfg, tokenizer)
     print(json.dumps({"run_config": to_dict(cfg), "zero_config": ds_config, "world_size": world_size}, indent=2))
     return 0
 

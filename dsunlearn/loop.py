@@ -205,6 +205,15 @@ def load_latest_checkpoint(engine, run_dir: str) -> int:
     return int(client["step"])
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """On resume: drop log lines of steps after the checkpoint (they are run again)."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
 def restore_last_good(engine, run_dir: str, state: RunState) -> bool:
     """After an update with a non-finite gradient: reload the last checkpoint. False when there is none."""
     if not (Path(run_dir) / "checkpoints" / "latest.json").is_file():
@@ -228,6 +237,14 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     method = method or build_method(cfg.method)
     weights = term_weights(method, cfg.method)
 
+    # Everything a user can get wrong is checked before the run directory is touched.
+    E.check_model_dir(cfg)
+    tokenizer = E.load_tokenizer(cfg)
+    model_config = E.load_model_config(cfg)
+    E.check_model_tokenizer(model_config, tokenizer, cfg.data.seq_len)
+    with E.main_process_first():
+        streams = {name: load_stream(name, path, cfg, tokenizer)
+                   for name, path in stream_sources(cfg, method.streams).items()}
     # Rank 0 checks the run dir; every rank learns the verdict, so a refusal exits everywhere with code 2.
     error = None
     if E.is_main():
@@ -238,14 +255,6 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     error = E.broadcast_object(error)
     if error:
         raise ConfigError(error)
-
-    E.check_model_dir(cfg)
-    tokenizer = E.load_tokenizer(cfg)
-    model_config = E.load_model_config(cfg)
-    E.check_model_tokenizer(model_config, tokenizer, cfg.data.seq_len)
-    with E.main_process_first():
-        streams = {name: load_stream(name, path, cfg, tokenizer)
-                   for name, path in stream_sources(cfg, method.streams).items()}
     num_steps = plan_steps(cfg, streams[method.streams[0]].stats.num_chunks, world)
     if E.is_main():
         write_json_atomic(Path(run_dir) / "config.json", to_dict(cfg))
@@ -270,12 +279,14 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     state = RunState()
     if resume:
         state.step = load_latest_checkpoint(engine, run_dir)
+        if E.is_main():
+            truncate_log(Path(run_dir) / "log.jsonl", state.step)
     logger = RunLogger(run_dir, num_steps, state.step, E.is_main(),
                        desc="pretrain" if method.streams == ("train",) else "unlearn")
     evaluator = None
     if method.streams != ("train",) and any(getattr(cfg.data, n, None) for n in cfg.eval.splits):
         from .eval.runner import Evaluator
-        evaluator = Evaluator(cfg, engine, tokenizer, logger, ds_config, run_dir)
+        evaluator = Evaluator(cfg, engine, tokenizer, logger, ds_config, run_dir, resume_step=state.step if resume else None)
     if evaluator is not None and not resume:
         evaluator.evaluate(0, label="before")
     pad_id = tokenizer.pad_token_id

@@ -72,7 +72,9 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, block_elements: i
     out = [torch.zeros(batch, num_pos, dtype=torch.float32, device=logits.device) for _ in range(2)]
     correct = torch.zeros(batch, num_pos, dtype=torch.bool, device=logits.device)
     rows = max(1, (block_elements or default_block_elements(logits.device)) // vocab)
-    if num_pos <= rows:  # whole chunks per block
+    if num_pos == 0:  # T == 1: nothing is predicted
+        blocks = []
+    elif num_pos <= rows:  # whole chunks per block
         blocks = [(slice(b, b + rows // num_pos), slice(None)) for b in range(0, batch, rows // num_pos)]
     else:  # slices of one chunk per block
         blocks = [(slice(b, b + 1), slice(t, t + rows)) for b in range(batch) for t in range(0, num_pos, rows)]

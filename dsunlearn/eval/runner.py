@@ -176,7 +176,7 @@ class Evaluator:
     """
 
     def __init__(self, cfg: RunConfig, engine, tokenizer, logger, ds_config: dict, run_dir: str,
-                 track_best: bool = True):
+                 track_best: bool = True, resume_step: Optional[int] = None):
         from ..config import ConfigError
         self.cfg, self.engine, self.tokenizer, self.logger = cfg, engine, tokenizer, logger
         self.run_dir = Path(run_dir)
@@ -200,6 +200,29 @@ class Evaluator:
             # The retrained model's per-chunk loss calibrates the reference-model attack on the trained one.
             self.ref_nll = {n: torch.tensor(v, dtype=torch.float64) for n, v in self.retrained["chunk_loss"].items()}
             del frozen
+        if resume_step is not None:
+            self._load_state(resume_step)
+
+    def _state_path(self) -> Path:
+        return self.run_dir / "eval_state.json"
+
+    def _save_state(self) -> None:
+        if E.is_main():
+            write_json(self._state_path(), {"history": self.history, "before": self.before,
+                                            "best": self.best, "last_full": self.last_full})
+
+    def _load_state(self, step: int) -> None:
+        """Resume: keep what was evaluated up to the checkpoint's step (later steps are run again)."""
+        path = self._state_path()
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        self.history = [h for h in saved["history"] if h["step"] <= step]
+        self.before = saved["before"]
+        best = saved.get("best")
+        self.best = best if best and best["entry"]["step"] <= step else None
+        last = saved.get("last_full")
+        self.last_full = last if saved["history"] and saved["history"][-1]["step"] <= step else None
 
     def evaluate(self, step: int, label: str) -> Optional[str]:
         result = evaluate_model(self.engine, self.splits, self.cfg, self.pad_id, mia=self.cfg.eval.mia,
@@ -216,11 +239,12 @@ class Evaluator:
             self.best = {"entry": entry, "result": result}
             if self.cfg.output.save_model:
                 E.export_hf_model(self.engine, self.tokenizer, str(self.run_dir / "model"))
+        self._save_state()
         return "stop" if stop_rule_holds(result, self.cfg) else None
 
     def finish(self, state, extra: Optional[dict] = None) -> dict:
         """Final evaluation (when the last one was not of the final weights), metrics.json, report.md, plots."""
-        if not self.history or self.history[-1]["step"] != state.step:
+        if not self.history or self.history[-1]["step"] != state.step or self.last_full is None:
             self.evaluate(state.step, label="after")
         after = self.best if self.tracks_best else {"entry": self.history[-1], "result": self.last_full}
         metrics = {
