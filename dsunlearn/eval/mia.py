@@ -109,6 +109,8 @@ def min_k_mean(values: torch.Tensor, mask: torch.Tensor,
         if not 0 < k <= 100:
             raise ValueError(f"min-k percent must be in (0, 100], got {k}")
     counted = mask.sum(-1)
+    if values.size(-1) == 0:  # T == 1: no position at all
+        return {k: torch.full(counted.shape, float("nan"), dtype=torch.float64, device=values.device) for k in percents}
     # Masked values sort last (+inf) so the first n_k sorted entries are always counted ones.
     ordered = values.double().masked_fill(~mask, float("inf")).sort(dim=-1).values.cumsum(dim=-1)
     out = {}

@@ -20,7 +20,7 @@ from .terms import simnpo_loss, token_nll
 @dataclass(frozen=True, kw_only=True)
 class SimNPO:
     beta: float = 0.7
-    """Inverse temperature on the length-normalised log-likelihood (paper, MUSE-Books: 0.7; TOFU used 2.5-4.5)."""
+    """Inverse temperature on the length-normalised log-likelihood (paper, MUSE-Books: 0.7)."""
     gamma: float = 0.0
     """Reward margin inside the sigmoid (paper, MUSE-Books: 0; larger values keep pushing already-forgotten
     chunks)."""

@@ -46,8 +46,8 @@ def setup():
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention).logits
         ref_logits = ref_model(input_ids=input_ids, attention_mask=attention).logits
-    return dict(model=model, ref_model=ref_model, chunks=chunks, labels=labels, logits=logits, ref_logits=ref_logits,
-                texts=texts)
+    refs = [reference_chunk(model, ref_model, c, labels[i], texts[i]) for i, c in enumerate(chunks)]
+    return dict(chunks=chunks, labels=labels, logits=logits, ref_logits=ref_logits, texts=texts, refs=refs)
 
 
 def reference_chunk(model, ref_model, ids, labels_row, text, percents=MIN_K_PERCENTS):
@@ -83,8 +83,7 @@ def reference_chunk(model, ref_model, ids, labels_row, text, percents=MIN_K_PERC
 def test_chunk_stats_match_per_chunk_reference(setup):
     s = setup
     stats = chunk_stats(s["logits"], s["labels"], texts=s["texts"], ref_logits=s["ref_logits"])
-    for i, ids in enumerate(s["chunks"]):
-        ref = reference_chunk(s["model"], s["ref_model"], ids, s["labels"][i], s["texts"][i])
+    for i, ref in enumerate(s["refs"]):
         assert set(ref) == set(stats)
         for key, expected in ref.items():
             got = float(stats[key][i])
@@ -133,10 +132,14 @@ def test_split_metrics_token_weighted_and_rank_invariant(setup):
     from dsunlearn.methods.terms import cross_entropy_mean
     assert m1["loss"] == pytest.approx(float(cross_entropy_mean(s["logits"], s["labels"])), abs=1e-6)
     assert m1["perplexity"] == pytest.approx(math.exp(m1["loss"]))
-    refs = [reference_chunk(s["model"], s["ref_model"], ids, s["labels"][i], s["texts"][i])
-            for i, ids in enumerate(s["chunks"])]
+    refs = s["refs"]
     assert m1["accuracy"] == pytest.approx(sum(r["num_correct"] for r in refs) / sum(r["num_tokens"] for r in refs))
     assert (m1["num_tokens"], m1["num_chunks"]) == (37, 5)
+
+
+def test_single_position_chunks():
+    stats = chunk_stats(torch.randn(2, 1, 5), torch.zeros(2, 1, dtype=torch.long))
+    assert stats["num_tokens"].tolist() == [0, 0] and torch.isnan(stats["mia_min_k_20"]).all()
 
 
 def test_empty_chunk_scores_nan_and_split_errors():
