@@ -167,6 +167,11 @@ def main() -> None:
         print(f"| {mode} | " + " | ".join(cells) + " |")
     if "engine" in peaks and "cache" in peaks:
         print(f"\ncache / engine peak (max over ranks): {peaks['cache'] / peaks['engine']:.2f}")
+    # What the reference can cost, for scale: its ZeRO-3 weight shard, and one full-vocabulary fp32 tensor of one chunk
+    # (its logits; exact KL needs a few of those per retain chunk, the top-k cache reads [seq_len, k] instead).
+    print(f"reference weights per rank (fp32 ZeRO-3 shard): {world['num_params'] * 4 / args.ranks / 2**20:.0f} MiB; "
+          f"one [seq_len, vocab] fp32 tensor: {args.seq_len * args.vocab * 4 / 2**20:.0f} MiB; "
+          f"cached top-{args.topk} per chunk: {args.seq_len * (args.topk * 8 + 4) / 2**20:.2f} MiB")
 
 
 if __name__ == "__main__":

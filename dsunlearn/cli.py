@@ -102,6 +102,8 @@ def cmd_unlearn(args) -> int:
     code = loop.unlearn(cfg, zero_path, overwrite=args.overwrite, resume=bool(args.resume))
     from . import engine as E
     if E.is_main():
+        summary = json.loads((Path(cfg.output.run_dir) / "summary.json").read_text())
+        print(f"cost: {loop.cost_line(summary['cost'])}")
         print(f"run directory: {cfg.output.run_dir}")
     return code
 

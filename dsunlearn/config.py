@@ -157,6 +157,14 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CostConfig:
+    pretrain_tokens: Optional[float] = None
+    """Tokens the model was pretrained on (D in the retraining estimate 6*N*D); None = no retraining comparison."""
+    known_model: Optional[str] = None
+    """Or a key of dsunlearn.cost.KNOWN_PRETRAINING (e.g. "yi-6b"): a convenience table, not a source of truth."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class OutputConfig:
     run_dir: str = "runs/unlearn"
     """Run directory: resolved configs, log.jsonl, TensorBoard events, checkpoints, the final model."""
@@ -174,6 +182,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 

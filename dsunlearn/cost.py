@@ -282,3 +282,30 @@ def retrain_estimate(num_params: float, pretrain_tokens: float, unlearning_flops
         out.update(unlearning_seconds=seconds, achieved_flops_per_s=unlearning_flops / seconds,
                    retrain_seconds=seconds * ratio)
     return out
+
+
+def run_passes(streams_tokens: dict[str, int], reference_streams: tuple, reference_mode: str) -> list[Pass]:
+    """The passes of one optimizer step of the unlearning loop.
+
+    ``streams_tokens``: tokens (padded batch positions: padding is computed too) per stream per optimizer step over
+    all ranks. One fused trainable pass over every stream; with ``reference_mode == "engine"`` one no-grad reference
+    forward over the streams the method needs theta_0 on (a cache costs one forward per chunk once, counted apart).
+    """
+    passes = [Pass("train", sum(streams_tokens.values()))]
+    if reference_streams and reference_mode == "engine":
+        passes.append(Pass("reference_forward", sum(streams_tokens[s] for s in reference_streams)))
+    return passes
+
+
+def run_cost(shape: ModelShape, seq_len: int, per_step: list[Pass], steps: int, one_time_forward_tokens: int,
+             pretrain_tokens: float | None, tokens_per_s: float | None, unlearning_tokens: int | None) -> dict:
+    """FLOPs of a whole run (per step x steps + one-time cache/label forwards) and, given D, the retraining ratio."""
+    step = step_flops(shape, seq_len, per_step)
+    one_time = forward_flops(shape, one_time_forward_tokens, seq_len) if one_time_forward_tokens else 0
+    total = step["total"] * steps + one_time
+    out = {"num_params": shape.num_params, "flops_per_step": step, "steps": steps,
+           "one_time_forward_flops": one_time, "unlearning_flops": total}
+    if pretrain_tokens:
+        out["retrain"] = retrain_estimate(shape.num_params, pretrain_tokens, total, tokens_per_s,
+                                          unlearning_tokens=unlearning_tokens if tokens_per_s else None)
+    return out

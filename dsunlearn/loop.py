@@ -58,6 +58,32 @@ class RunState:
     step: int = 0
     history: list = field(default_factory=list)
     stop_reason: Optional[str] = None
+    tokens: int = 0         # real (non-pad) tokens trained on in this process
+    seconds: float = 0.0    # wall time of those optimizer steps
+
+
+def plan_cost(cfg: RunConfig, method, streams: dict, engine, world: int, steps: int, state: RunState) -> dict:
+    """Analytic FLOPs of this run (every pass the method makes) and the retraining comparison (dsunlearn.cost)."""
+    from .cost import KNOWN_PRETRAINING, ModelShape, run_cost, run_passes
+    t, seq = cfg.train, cfg.data.seq_len
+    per_step = {n: t.micro_batch_size * (t.retain_ratio if n != "forget" else 1) * t.grad_accum * world * seq
+                for n in streams}
+    reference = tuple(getattr(method, "reference", {}) or {})
+    one_time = 0
+    if reference and cfg.reference.mode == "cache":
+        one_time += sum(streams[n].stats.num_chunks * seq for n in reference)
+    for n, kind in (getattr(method, "precomputed", {}) or {}).items():
+        if kind != "random_labels":  # adversarial labels: one theta_0 forward over the stream
+            one_time += streams[n].stats.num_chunks * seq
+    pretrain_tokens = cfg.cost.pretrain_tokens
+    if pretrain_tokens is None and cfg.cost.known_model:
+        if cfg.cost.known_model not in KNOWN_PRETRAINING:
+            raise ConfigError(f"cost.known_model: unknown {cfg.cost.known_model!r}; known: "
+                              f"{', '.join(sorted(KNOWN_PRETRAINING))}")
+        pretrain_tokens = KNOWN_PRETRAINING[cfg.cost.known_model][1]
+    tokens_per_s = state.tokens / state.seconds if state.seconds else None
+    return run_cost(ModelShape.from_model(engine.module), seq, run_passes(per_step, reference, cfg.reference.mode),
+                    steps, one_time, pretrain_tokens, tokens_per_s, state.tokens or None)
 
 
 def prepare_run_dir(run_dir: str, overwrite: bool, resume: bool) -> None:
@@ -205,6 +231,14 @@ def load_latest_checkpoint(engine, run_dir: str) -> int:
     return int(client["step"])
 
 
+def cost_line(cost: dict) -> str:
+    line = f"unlearning {cost['unlearning_flops']:.3g} FLOPs ({cost['steps']} steps)"
+    if "retrain" in cost:
+        r = cost["retrain"]
+        line += f"; retraining {r['retrain_flops']:.3g} FLOPs; ratio {r['ratio']:.3g}x"
+    return line
+
+
 def truncate_log(path: Path, step: int) -> None:
     """On resume: drop log lines of steps after the checkpoint (they are run again)."""
     if path.is_file():
@@ -305,6 +339,8 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
                     weights_ok = restore_last_good(engine, run_dir, state)
                 break
             state.step += 1
+            state.tokens += int(round(record["tokens_per_s"] * record["step_seconds"]))
+            state.seconds += record["step_seconds"]
             record = {"step": state.step, **{k: v for k, v in record.items() if k != "stop"}}
             logger.step(record)
             if cfg.checkpoint.every_n_steps and state.step % cfg.checkpoint.every_n_steps == 0 \
@@ -319,12 +355,16 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
         # With the stop rule on, the evaluator has already exported the weights that best met it.
         if cfg.output.save_model and weights_ok and not (evaluator is not None and evaluator.tracks_best):
             E.export_hf_model(engine, tokenizer, str(Path(run_dir) / "model"))
+        cost = plan_cost(cfg, method, streams, engine, world, state.step, state)
+        logger.scalars(state.step, {"cost/unlearning_flops": float(cost["unlearning_flops"]),
+                                    "cost/flops_per_step": float(cost["flops_per_step"]["total"])})
         if evaluator is not None:
-            evaluator.finish(state)
+            evaluator.finish(state, extra={"cost": cost})
         if E.is_main():
             write_json_atomic(Path(run_dir) / "summary.json",
                               {"steps": state.step, "num_steps": num_steps, "stop_reason": state.stop_reason,
-                               "exit_code": exit_code})
+                               "exit_code": exit_code, "cost": cost})
+            log.info("cost: %s", cost_line(cost))
     finally:
         logger.close()
     return exit_code

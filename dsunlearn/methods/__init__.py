@@ -67,6 +67,7 @@ def select_trainable(model, method) -> list[str]:
     if not keep:
         raise ConfigError(f"method.params.trainable_params: {pattern!r} matches no parameter of the model "
                           f"(e.g. {', '.join(names[:3])}, ...)")
+    selected = set(keep)
     for name, param in model.named_parameters():
-        param.requires_grad_(name in keep)
+        param.requires_grad_(name in selected)
     return keep

@@ -95,6 +95,8 @@ def reference_distribution(logits: torch.Tensor, topk: int | None = None):
       outside the top k (summed exactly from the other entries, not as ``1 - sum``, so it keeps its digits).
     """
     logp = torch.log_softmax(upcast(logits), dim=-1)
+    # A token theta_0 gives probability 0 would make exp(-inf) * (-inf - x) = NaN in the KL; in place: no copy.
+    logp.clamp_(min=torch.finfo(logp.dtype).min)
     if topk is None or topk >= logp.size(-1):
         return logp, None, None
     values, ids = logp.topk(topk, dim=-1)
@@ -113,13 +115,13 @@ def kl_to_reference(logits: torch.Tensor, labels: torch.Tensor, ref_logprobs: to
         sum_{v in K} p0(v) log(p0(v) / p(v))  +  P0_rest log(P0_rest / P_rest),   P_rest = 1 - sum_{v in K} p(v)
 
     a lower bound of the exact KL (data processing), equal to it when k = vocab and 0 when theta = theta_0.
+    ``ref_logprobs`` must be finite (``reference_distribution`` clamps them): with full-vocabulary tensors every extra
+    copy costs as much as the logits.
     """
     shifted, _, mask = shift_for_next_token(upcast(logits), labels)
     logp = torch.log_softmax(shifted, dim=-1)
     lp0 = ref_logprobs[:, :-1].to(logp.dtype)
     if ref_ids is None:
-        # exp(-inf) * (-inf - x) is NaN: a token theta_0 gives probability 0 contributes 0.
-        lp0 = lp0.clamp(min=torch.finfo(lp0.dtype).min)
         per_position = (lp0.exp() * (lp0 - logp)).sum(-1)
     else:
         lpk = logp.gather(-1, ref_ids[:, :-1].long())
