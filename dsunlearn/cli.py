@@ -59,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("demo_args", nargs=argparse.REMAINDER)
 
+    p = sub.add_parser("sweep", help="run a grid of unlearning runs per method; robustness, sweep.md, heatmaps",
+                       description="Every (method, grid point) is one unlearning run with the run config's evaluation "
+                                   "and stop rule; finished points are never rerun. See docs/tuning.md.")
+    _add_run_args(p)
+    p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="one grid axis (repeatable), e.g. --grid train.lr=1e-5,2e-5 --grid train.num_steps=20,40")
+    p.add_argument("--methods", required=True, metavar="NAME[:retain|general],...",
+                   help="methods to sweep; the suffix sets data.retain_source, e.g. ga,ga_gd,ga_gd:general")
+    p.add_argument("--out", default=None, help="sweep directory (default: sweeps/<config file name>)")
+    p.add_argument("--forget-tol", type=float, default=0.1, help="band: |forget loss - target| <= this (nats)")
+    p.add_argument("--retain-tol", type=float, default=0.1,
+                   help="band: retain loss at most this above the original model's (nats)")
+
     sub.add_parser("methods", help="list the registered unlearning methods")
     return parser
 
@@ -140,6 +153,23 @@ def cmd_demo(args) -> int:
     return demo_main(args.demo_args)
 
 
+def cmd_sweep(args) -> int:
+    import shlex
+    from .sweep import run_sweep
+    out = args.out or str(Path("sweeps") / (Path(args.config).stem if args.config else "sweep"))
+    words = ["dsunlearn", "sweep"] + (["--config", args.config] if args.config else []) + ["--zero", args.zero]
+    words += [w for g in args.grid for w in ("--grid", g)] + ["--methods", args.methods, "--out", out]
+    words += [w for o in args.overrides for w in ("--set", o)]
+    words += ["--forget-tol", str(args.forget_tol), "--retain-tol", str(args.retain_tol)]
+    summary = run_sweep(args.config, args.zero, args.grid, args.methods, out, args.overrides,
+                        forget_tol=args.forget_tol, retain_tol=args.retain_tol, command=shlex.join(words))
+    if summary is not None:
+        for label, r in summary["robustness"].items():
+            print(f"{label:22s} robustness {r['robustness']:.2f} ({r['in_band']}/{r['points']} in band)")
+        print(f"sweep: {Path(out) / 'sweep.md'}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .methods import METHODS
     for name, cls in sorted(METHODS.items()):
@@ -149,7 +179,7 @@ def cmd_methods(args) -> int:
 
 
 COMMANDS = {"unlearn": cmd_unlearn, "pretrain": cmd_pretrain, "eval": cmd_eval, "demo": cmd_demo,
-            "methods": cmd_methods}
+            "methods": cmd_methods, "sweep": cmd_sweep}
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

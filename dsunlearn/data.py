@@ -60,6 +60,17 @@ def _check_jsonl(path: Path, text_field: str) -> int:
 
 def load_documents(path: str, text_field: str = "text"):
     """Load a document set as a ``datasets.Dataset`` with a ``text`` column (and ``id`` when the source has one)."""
+    ds = load_records(path, text_field)
+    if text_field != "text":
+        # A source may carry an unrelated "text" column next to the chosen field: the chosen field wins.
+        if "text" in ds.column_names:
+            ds = ds.remove_columns("text")
+        ds = ds.rename_column(text_field, "text")
+    return ds
+
+
+def load_records(path: str, text_field: str = "text"):
+    """Like :func:`load_documents`, validated the same way, but with every column under its original name."""
     import datasets
 
     p = Path(path)
@@ -103,8 +114,6 @@ def load_documents(path: str, text_field: str = "text"):
         raise ConfigError(f"{path}: missing text field {text_field!r}; columns: {', '.join(ds.column_names)}")
     if len(ds) == 0:
         raise ConfigError(f"{path}: no documents")
-    if text_field != "text":
-        ds = ds.rename_column(text_field, "text") if "text" not in ds.column_names else ds
     return ds
 
 

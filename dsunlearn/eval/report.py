@@ -50,7 +50,7 @@ def mia_table(columns: dict[str, Optional[dict]]) -> list[str]:
 
 
 def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], retrained: Optional[dict],
-                 extra_sections: Optional[list[str]] = None) -> Path:
+                 extra_sections: Optional[list[str]] = None, split_check: Optional[dict] = None) -> Path:
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
@@ -74,17 +74,25 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
                                             plots / "hist.png",
                                             retrained=(retrained or {}).get("chunk_loss", {}).get("forget"))))
     columns = {"before": before, "after": after, "retrained": retrained}
+    unreliable = bool(split_check) and not split_check["passed"]
+    # Every figure that compares with the approximate set carries the warning when the split check failed.
+    caveat = " ⚠ approximate set unreliable (see the split check)" if unreliable else ""
     lines = [f"# dsunlearn report: {metrics.get('method', '')}", "",
              f"- model: `{metrics.get('model')}`",
              f"- steps run: {metrics.get('steps')}; weights exported from step {metrics.get('exported_step')}",
              f"- stop: {metrics.get('stop_reason') or 'planned number of steps reached'}",
-             f"- **verdict: {metrics.get('verdict')}**", "",
+             f"- **verdict: {metrics.get('verdict')}**{caveat}", "",
              "## Losses (mean token NLL) and top-1 accuracy", "",
              "`after` = the exported weights; `retrained` = the exactly retrained twin (when given). "
              "The forget set looks unseen when its loss matches the approximate (unseen) set's and the twin's.", "",
-             *split_table(columns), "",
+             *split_table(columns), *([f"{caveat.strip()}"] if caveat else []), "",
              "## Membership inference (AUC 0.5 = indistinguishable; reported as is, never folded)", "",
-             *mia_table(columns), ""]
+             *mia_table(columns), *([f"{caveat.strip()}"] if caveat else []), ""]
+    if split_check:
+        lines += ["## Split check: is the approximate set a fair stand-in for unseen data?", "",
+                  split_check["markdown"], ""]
+    if metrics.get("cost"):
+        lines += cost_section(metrics["cost"])
     for section in extra_sections or []:
         lines += [section, ""]
     for title, path in images:
@@ -92,3 +100,20 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
     report = run_dir / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return report
+
+
+def cost_section(cost: dict) -> list[str]:
+    lines = ["## Cost", "", f"- parameters: {cost['num_params']:,}",
+             f"- FLOPs per optimizer step: {cost['flops_per_step']['total']:.3g} "
+             f"(train {cost['flops_per_step']['train']:.3g}, reference forward "
+             f"{cost['flops_per_step']['reference_forward']:.3g})",
+             f"- unlearning FLOPs: {cost['unlearning_flops']:.3g} over {cost['steps']} steps "
+             f"(+ one-time forwards {cost['one_time_forward_flops']:.3g})"]
+    if "retrain" in cost:
+        r = cost["retrain"]
+        lines += [f"- retraining from scratch (6·N·D): {r['retrain_flops']:.3g} FLOPs: "
+                  f"**{r['ratio']:.3g}x** the unlearning run"]
+        if r.get("retrain_seconds"):
+            lines += [f"- at this run's measured throughput: retraining ≈ {r['retrain_seconds']:.3g} s vs "
+                      f"unlearning {r['unlearning_seconds']:.3g} s"]
+    return lines + [""]

@@ -186,6 +186,7 @@ class Evaluator:
         self.tracks_best = track_best and cfg.eval.stop_tolerance > 0
         if self.tracks_best and not (MEMBER_SPLIT in self.splits and NONMEMBER_SPLIT in self.splits):
             raise ConfigError("eval.stop_tolerance: the stop rule needs data.forget and data.approximate")
+        self.split_check: Optional[dict] = None
         self.history: list[dict] = []
         self.best: Optional[dict] = None
         self.last_full: Optional[dict] = None
@@ -203,12 +204,33 @@ class Evaluator:
         if resume_step is not None:
             self._load_state(resume_step)
 
+    def _check_split(self, before: dict) -> Optional[dict]:
+        """Is the approximate set a fair stand-in for unseen data? (blind baseline + the original model's gap)."""
+        from ..data import load_documents
+        from .shift import check_split
+        cfg = self.cfg
+        if not (cfg.eval.split_check and cfg.data.forget and cfg.data.approximate):
+            return None
+        report = None
+        if E.is_main():
+            texts = {n: list(load_documents(getattr(cfg.data, n), cfg.data.text_field)["text"])
+                     for n in (MEMBER_SPLIT, NONMEMBER_SPLIT)}
+            report = check_split(texts[MEMBER_SPLIT], texts[NONMEMBER_SPLIT],
+                                 forget_loss=before["splits"][MEMBER_SPLIT]["loss"],
+                                 approx_loss=before["splits"][NONMEMBER_SPLIT]["loss"],
+                                 auc_band=cfg.eval.split_check_auc_band, seed=cfg.train.seed)
+            if not report.passed:
+                log.warning("split check FAILED: %s", "; ".join(report.reasons))
+            report = {**report.to_dict(), "markdown": report.to_markdown()}
+        return E.broadcast_object(report)
+
     def _state_path(self) -> Path:
         return self.run_dir / "eval_state.json"
 
     def _save_state(self) -> None:
         if E.is_main():
             write_json(self._state_path(), {"history": self.history, "before": self.before,
+                                            "split_check": self.split_check,
                                             "best": self.best, "last_full": self.last_full})
 
     def _load_state(self, step: int) -> None:
@@ -219,6 +241,7 @@ class Evaluator:
         saved = json.loads(path.read_text())
         self.history = [h for h in saved["history"] if h["step"] <= step]
         self.before = saved["before"]
+        self.split_check = saved.get("split_check")
         best = saved.get("best")
         self.best = best if best and best["entry"]["step"] <= step else None
         last = saved.get("last_full")
@@ -232,6 +255,7 @@ class Evaluator:
         self.last_full = result
         if self.before is None:
             self.before = result
+            self.split_check = self._check_split(result)
         self.logger.scalars(step, scalars(result))
         if E.is_main():
             log.info("eval %s: %s", label, ", ".join(f"{k} {v['loss']:.4f}" for k, v in result["splits"].items()))
@@ -258,13 +282,15 @@ class Evaluator:
             "before": compact(self.before),
             "after": compact(after["result"]),
             "retrained": compact(self.retrained) if self.retrained else None,
+            "split_check": {k: v for k, v in self.split_check.items() if k != "markdown"} if self.split_check else None,
             "history": self.history,
             **(extra or {}),
         }
         if E.is_main():
             write_json(self.run_dir / "metrics.json", metrics)
             from .report import write_report
-            write_report(self.run_dir, metrics, after["result"], self.before, self.retrained)
+            write_report(self.run_dir, metrics, after["result"], self.before, self.retrained,
+                         split_check=self.split_check)
         return metrics
 
 
