@@ -412,9 +412,9 @@ def markdown(cells: list[dict], kl: bool) -> str:
             "GA+KL, fused step with the reference as a frozen ZeRO-3 engine (E, one no-grad forward of the retain part, "
             "full-vocabulary KL) vs cached top-k reference (C, computed once before step 1; build time not in s/step).",
             "",
-            "| params | T | s/step E | s/step C | speedup C | AG MB E | AG MB C | AG C/E | peak MiB E | peak MiB C "
-            "| cache build s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| params | T | s/step E | s/step C | speedup C | AG MB E | AG MB C | AG C/E | AG calls E / C | peak MiB E "
+            "| peak MiB C | cache build s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in cells:
             if "ga_kl" not in c:
@@ -425,6 +425,7 @@ def markdown(cells: list[dict], kl: bool) -> str:
                 f"| {k['seconds_median']:.3f} | {paired_ratio(c['ga_kl'], 'ref_engine', 'ref_cache'):.2f}x "
                 f"| {mb(e['all_gather_bytes'])} | {mb(k['all_gather_bytes'])} "
                 f"| {k['all_gather_bytes'] / e['all_gather_bytes']:.2f} "
+                f"| {e['all_gather_calls']:.0f} / {k['all_gather_calls']:.0f} "
                 f"| {e['peak_rss_delta_mib_median']:.0f} | {k['peak_rss_delta_mib_median']:.0f} "
                 f"| {c['cache_build_seconds']:.1f} |")
     return "\n".join(lines)
@@ -455,20 +456,24 @@ def fit_copies(cells: list[dict], bytes_per_param: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="128x4,256x6,512x8", help="hiddenxlayers, comma-separated")
+    ap.add_argument("--sizes", default="128x4,256x4,512x4", help="hiddenxlayers, comma-separated")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--micro-batch-size", type=int, default=2, help="chunks per stream per rank")
     ap.add_argument("--warmup", type=int, default=2, help="steps per design, excluded")
     ap.add_argument("--count-steps", type=int, default=1, help="steps per design with the comms logger on")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per design (comms logger off)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per design (comms logger off)")
     ap.add_argument("--no-kl", dest="kl", action="store_false", help="skip GA+KL reference engine vs cache")
-    ap.add_argument("--kl-max-params", type=float, default=float("inf"),
+    ap.add_argument("--kl-max-params", type=float, default=1e7,
                     help="run GA+KL only for sizes with at most this many parameters")
+    ap.add_argument("--kl-seq-lens", type=int, nargs="+", default=[128], help="run GA+KL only at these lengths")
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--zero", default=str(ZERO), help="the ZeRO JSON (fp32 on CPU)")
     ap.add_argument("--zero-set", action="append", default=[], metavar="KEY=JSON",
                     help="override a zero_optimization key, e.g. stage3_max_reuse_distance=0")
+    ap.add_argument("--live-fraction", type=float, default=None, metavar="F",
+                    help="set stage3_max_live_parameters and stage3_max_reuse_distance to F x the model's parameters "
+                         "(0.15 = ds_configs/zero3.json's 1e9 for a 6.7B model: the backward must re-gather most layers)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write every measurement here (rank 0)")
     ap.add_argument("--markdown", help="write the report here (rank 0)")
@@ -489,8 +494,15 @@ def main() -> None:
     for hidden, layers in sizes:
         for seq_len in args.seq_lens:
             t0 = time.perf_counter()
-            kl = args.kl and build_model_params(hidden, layers, args.vocab) <= args.kl_max_params
-            cell = bench_cell(hidden, layers, seq_len, argparse.Namespace(**{**vars(args), "kl": kl}), world, rank)
+            num_params = build_model_params(hidden, layers, args.vocab)
+            kl = args.kl and num_params <= args.kl_max_params and seq_len in args.kl_seq_lens
+            zero_set = list(args.zero_set)
+            if args.live_fraction is not None:
+                live = int(args.live_fraction * num_params)
+                zero_set += [f"stage3_max_live_parameters={live}", f"stage3_max_reuse_distance={live}"]
+            cell_args = argparse.Namespace(**{**vars(args), "kl": kl, "zero_set": zero_set})
+            cell = bench_cell(hidden, layers, seq_len, cell_args, world, rank)
+            cell["zero_set"] = zero_set
             cell["wall_seconds"] = time.perf_counter() - t0
             cells.append(cell)
             if rank == 0:
@@ -509,7 +521,9 @@ def main() -> None:
         f"{world} ranks ({info['accelerator']}, gloo), OMP_NUM_THREADS={info['omp_num_threads']}; Python "
         f"{info['python']}, torch {info['torch']}, deepspeed {info['deepspeed']}, transformers {info['transformers']}. "
         f"ZeRO-3 fp32 (`{Path(args.zero).relative_to(REPO) if Path(args.zero).is_relative_to(REPO) else args.zero}`"
-        f"{', ' + ', '.join(args.zero_set) if args.zero_set else ''}), random Llama, vocab {args.vocab}, untied, "
+        f"{', ' + ', '.join(args.zero_set) if args.zero_set else ''}"
+        f"{f', stage3_max_live_parameters = stage3_max_reuse_distance = {args.live_fraction} x params' if args.live_fraction is not None else ''}"
+        f"), random Llama, vocab {args.vocab}, untied, "
         f"micro-batch {args.micro_batch_size} forget + {args.micro_batch_size} retain chunks per rank; "
         f"{args.warmup} warm-up + {args.count_steps} counted + {args.steps} timed steps per design.",
         "",

@@ -122,7 +122,9 @@ def run_mode(mode: str, world: dict, work: Path, args) -> dict:
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if p.returncode != 0:
         sys.exit(f"{mode} run failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(args.ranks)}
+    marks = {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(args.ranks)}
+    shutil.rmtree(work / "runs", ignore_errors=True)  # checkpoints of a 3-step run: hundreds of MB, never reused
+    return marks
 
 
 def main() -> None:

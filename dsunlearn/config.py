@@ -131,7 +131,12 @@ class EvalConfig:
     micro_batch_size: int = 4
     """Chunks per rank per evaluation forward."""
     stop_tolerance: float = 0.0
-    """Stop rule: stop when |forget loss - approximate loss| <= this (nats). 0 disables the rule."""
+    """Stop rule: stop when |forget loss - target| <= this (nats). 0 disables the rule."""
+    stop_target: str = "original_approximate"
+    """The forget-loss target: "original_approximate" (the original model's loss on unseen in-distribution text:
+    the study's approximate-retrain target, fixed before unlearning starts), "current_approximate" (the approximate
+    loss of the model being unlearned: moves as the model degrades, so a wrecked model can meet it) or
+    "retrained_forget" (the exactly retrained model's forget loss; needs eval.retrained_model)."""
     stop_auc_band: Optional[float] = None
     """Stop rule (optional extra condition): LOSS-attack AUC within 0.5 +- band."""
     retrained_model: Optional[str] = None
@@ -337,6 +342,11 @@ def validate(cfg: RunConfig) -> None:
         (cfg.model.init in ("pretrained", "random"),
          f"model.init: expected 'pretrained' or 'random', got {cfg.model.init!r}"),
         (cfg.reference.topk >= 1, "reference.topk: expected >= 1"),
+        (cfg.eval.stop_target in ("original_approximate", "current_approximate", "retrained_forget"),
+         "eval.stop_target: expected 'original_approximate', 'current_approximate' or 'retrained_forget', "
+         f"got {cfg.eval.stop_target!r}"),
+        (cfg.eval.stop_target != "retrained_forget" or cfg.eval.retrained_model,
+         "eval.stop_target='retrained_forget' needs eval.retrained_model"),
         (cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps: expected >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: expected >= 1"),
         (cfg.eval.every_n_steps >= 0, "eval.every_n_steps: expected >= 0"),

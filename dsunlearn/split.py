@@ -397,14 +397,27 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # Checking a run's split (``dsunlearn data check``)
 
-def check_run_data(cfg, *, auc_band: float = 0.1, seed: int = 0, folds: int = 5, tokenizer=None):
-    """``eval.shift.check_split`` on the run config's forget vs approximate documents (text only, no model)."""
+def check_run_data(cfg, *, auc_band: float = 0.1, seed: int = 0, folds: int = 5, tokenizer=None,
+                   forget_loss=None, approx_loss=None):
+    """``eval.shift.check_split`` on the run config's forget vs approximate documents.
+
+    The original model's losses are optional (``unlearn``/``eval`` pass them). When the documents carry a ``domain``
+    field the blind baseline's folds are stratified by domain too.
+    """
     from .data import load_documents
     from .eval.shift import check_split
     missing = [k for k in ("forget", "approximate") if not getattr(cfg.data, k)]
     if missing:
         raise ConfigError(f"data.{missing[0]}: required by the approximate-set check")
-    forget = load_documents(cfg.data.forget, cfg.data.text_field)["text"]
-    approx = load_documents(cfg.data.approximate, cfg.data.text_field)["text"]
+    forget_docs = load_documents(cfg.data.forget, cfg.data.text_field)
+    approx_docs = load_documents(cfg.data.approximate, cfg.data.text_field)
+    strata = None
+    if "domain" in forget_docs.column_names and "domain" in approx_docs.column_names:
+        strata = list(forget_docs["domain"]) + list(approx_docs["domain"])
     tokenize = (lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]) if tokenizer is not None else None
-    return check_split(forget, approx, auc_band=auc_band, seed=seed, folds=folds, tokenize=tokenize)
+    try:
+        return check_split(list(forget_docs["text"]), list(approx_docs["text"]), forget_loss=forget_loss,
+                           approx_loss=approx_loss, auc_band=auc_band, seed=seed, folds=folds, tokenize=tokenize,
+                           strata=strata)
+    except ValueError as e:  # bad band/folds: the user's to fix
+        raise ConfigError(f"data check: {e}") from None

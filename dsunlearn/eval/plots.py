@@ -88,35 +88,42 @@ def plot_sweep_heatmap(x_values: Sequence, y_values: Sequence, gap, degraded, in
     degraded beyond the tolerance, a green frame where the point is in the target band. ``gap``/``degraded``/
     ``in_band`` are arrays of shape (len(y_values), len(x_values)); NaN gaps (not run, or non-finite) are grey.
 
-    The colour scale is symmetric-log around 0, linear within +-``band`` (the forget tolerance, so the band itself
-    stays pale), and shared by every heatmap of a sweep (``limit``) so methods compare by eye.
+    The colour scale is symmetric-log around 0, linear within +-``band`` (the forget tolerance, so the band stays
+    pale), and shared by every heatmap of a sweep (``limit``) so methods compare by eye: red = forget loss above the
+    target (over-unlearned), blue = below it (not yet forgotten).
     """
     from matplotlib import colormaps
     from matplotlib.colors import SymLogNorm
     from matplotlib.patches import Rectangle
+    from matplotlib.ticker import FuncFormatter
 
     gap = np.asarray(gap, dtype=np.float64)
     cmap = colormaps["RdBu_r"].copy()
     cmap.set_bad("#bbbbbb")
-    limit = max(float(limit), 2 * band)
-    fig = Figure(figsize=(1.4 * len(x_values) + 3.0, 0.9 * len(y_values) + 2.2), layout="constrained")
+    limit = max(float(limit), 5 * band)
+    norm = SymLogNorm(linthresh=band, linscale=0.5, vmin=-limit, vmax=limit, base=10)
+    fig = Figure(figsize=(1.4 * len(x_values) + 3.2, 0.9 * len(y_values) + 2.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    image = ax.imshow(np.ma.masked_invalid(gap), cmap=cmap, origin="lower", aspect="auto",
-                      norm=SymLogNorm(linthresh=band, vmin=-limit, vmax=limit, base=10))
+    image = ax.imshow(np.ma.masked_invalid(gap), cmap=cmap, norm=norm, origin="lower", aspect="auto")
     for i in range(len(y_values)):
         for j in range(len(x_values)):
             value = gap[i, j]
-            text = "–" if not np.isfinite(value) else f"{value:+.2f}"
-            ax.text(j, i + 0.22, text, ha="center", va="center", fontsize=9)
+            dark = np.isfinite(value) and abs(float(norm(value)) - 0.5) > 0.3
+            colour = "white" if dark else "black"
+            ax.text(j, i + 0.22, "–" if not np.isfinite(value) else f"{value:+.2f}", ha="center", va="center",
+                    fontsize=9, color=colour)
             if degraded[i][j]:
-                ax.plot(j, i - 0.12, marker="x", markersize=11, markeredgewidth=2.2, color="black")
+                ax.plot(j, i - 0.12, marker="x", markersize=11, markeredgewidth=2.2, color=colour)
             if in_band[i][j]:
-                ax.add_patch(Rectangle((j - 0.47, i - 0.47), 0.94, 0.94, fill=False, edgecolor="#1a9641", linewidth=3))
+                ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="#1a9641", linewidth=3))
     ax.set_xticks(range(len(x_values)), [str(v) for v in x_values])
     ax.set_yticks(range(len(y_values)), [str(v) for v in y_values])
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(image, ax=ax, label="forget loss − target (nats)")
+    ax.set_title(title, fontsize=9)
+    bar = fig.colorbar(image, ax=ax, label="forget loss − target (nats)")
+    ticks = sorted({0.0, band, -band, limit, -limit, *(t for t in (1.0, -1.0, 10.0, -10.0) if abs(t) < limit)})
+    bar.set_ticks(ticks)
+    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
     return _save(fig, path)

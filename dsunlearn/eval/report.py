@@ -32,6 +32,9 @@ def split_table(columns: dict[str, Optional[dict]]) -> list[str]:
         lines.append(f"| {s} | " + " | ".join(losses) + " | " + " | ".join(accs) + " |")
     gaps = [_fmt(v.get("forget_gap")) for v in present.values()]
     lines.append("| **forget − approximate** | " + " | ".join(gaps) + " |" + " |" * len(present))
+    target_gaps = [_fmt(v.get("target_gap")) for v in present.values()]
+    if any(g != "–" for g in target_gaps):
+        lines.append("| **forget − target** | " + " | ".join(target_gaps) + " |" + " |" * len(present))
     return lines
 
 
@@ -81,7 +84,8 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
              f"- model: `{metrics.get('model')}`",
              f"- steps run: {metrics.get('steps')}; weights exported from step {metrics.get('exported_step')}",
              f"- stop: {metrics.get('stop_reason') or 'planned number of steps reached'}",
-             f"- **verdict: {metrics.get('verdict')}**{caveat}", "",
+             f"- **verdict: {metrics.get('verdict')}**{caveat}",
+             f"- target forget loss: {_fmt(metrics.get('after', {}).get('target'))} ({metrics.get('stop_target')})", "",
              "## Losses (mean token NLL) and top-1 accuracy", "",
              "`after` = the exported weights; `retrained` = the exactly retrained twin (when given). "
              "The forget set looks unseen when its loss matches the approximate (unseen) set's and the twin's.", "",

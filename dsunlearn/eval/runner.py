@@ -111,11 +111,21 @@ def evaluate_model(model_engine, splits: dict[str, EvalSplit], cfg: RunConfig, p
     return result
 
 
+def target_loss(cfg: RunConfig, result: dict, before: Optional[dict], retrained: Optional[dict]) -> Optional[float]:
+    """The forget loss at which "the forget set looks unseen" (eval.stop_target)."""
+    source = {"original_approximate": (before, NONMEMBER_SPLIT), "current_approximate": (result, NONMEMBER_SPLIT),
+              "retrained_forget": (retrained, MEMBER_SPLIT)}[cfg.eval.stop_target]
+    model_result, split = source
+    if model_result is None or split not in model_result["splits"]:
+        return None
+    return model_result["splits"][split]["loss"]
+
+
 def stop_rule_holds(result: dict, cfg: RunConfig) -> bool:
-    """"The forget set looks unseen": |forget loss - approximate loss| <= tolerance (and AUC in band, if asked)."""
-    if cfg.eval.stop_tolerance <= 0 or "forget_gap" not in result:
+    """"The forget set looks unseen": |forget loss - target| <= tolerance (and LOSS AUC in band, if asked)."""
+    if cfg.eval.stop_tolerance <= 0 or result.get("target_gap") is None:
         return False
-    ok = abs(result["forget_gap"]) <= cfg.eval.stop_tolerance
+    ok = abs(result["target_gap"]) <= cfg.eval.stop_tolerance
     if ok and cfg.eval.stop_auc_band is not None and "mia" in result:
         ok = abs(result["mia"]["loss"]["auc"] - 0.5) <= cfg.eval.stop_auc_band
     return ok
@@ -123,10 +133,10 @@ def stop_rule_holds(result: dict, cfg: RunConfig) -> bool:
 
 def verdict(result: dict, cfg: RunConfig) -> str:
     """A plain word for the final state, judged against the approximate set (or the retrained twin's gap)."""
-    if "forget_gap" not in result:
-        return "no approximate set: forget-vs-unseen not judged"
+    if result.get("target_gap") is None:
+        return "no target: forget-vs-unseen not judged (needs data.approximate or eval.retrained_model)"
     tol = cfg.eval.stop_tolerance if cfg.eval.stop_tolerance > 0 else 0.05
-    gap = result["forget_gap"]
+    gap = result["target_gap"]
     if abs(gap) <= tol:
         return "forgotten: the forget set looks unseen"
     if gap > tol:
@@ -137,8 +147,9 @@ def verdict(result: dict, cfg: RunConfig) -> str:
 def compact(result: dict) -> dict:
     """The figures of one evaluation without per-chunk lists and ROC points (for logs and history)."""
     out = {"splits": result["splits"]}
-    if "forget_gap" in result:
-        out["forget_gap"] = result["forget_gap"]
+    for key in ("forget_gap", "target", "target_gap"):
+        if result.get(key) is not None:
+            out[key] = result[key]
     if "mia" in result:
         out["mia"] = {k: {m: v[m] for m in ("auc", "balanced_accuracy", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr")
                           if m in v} for k, v in result["mia"].items()}
@@ -155,8 +166,9 @@ def scalars(result: dict, prefix: str = "eval") -> dict:
     out.update({f"{prefix}/{name}/accuracy": m["accuracy"] for name, m in result["splits"].items()})
     if "mia" in result:
         out.update({f"{prefix}/mia/{k}/auc": v["auc"] for k, v in result["mia"].items()})
-    if "forget_gap" in result:
-        out[f"{prefix}/forget_gap"] = result["forget_gap"]
+    for key in ("forget_gap", "target_gap"):
+        if result.get(key) is not None:
+            out[f"{prefix}/{key}"] = result[key]
     return out
 
 
@@ -184,8 +196,10 @@ class Evaluator:
         with E.main_process_first():
             self.splits = load_eval_splits(cfg, tokenizer)
         self.tracks_best = track_best and cfg.eval.stop_tolerance > 0
-        if self.tracks_best and not (MEMBER_SPLIT in self.splits and NONMEMBER_SPLIT in self.splits):
-            raise ConfigError("eval.stop_tolerance: the stop rule needs data.forget and data.approximate")
+        if self.tracks_best and MEMBER_SPLIT not in self.splits:
+            raise ConfigError("eval.stop_tolerance: the stop rule needs data.forget")
+        if self.tracks_best and cfg.eval.stop_target != "retrained_forget" and NONMEMBER_SPLIT not in self.splits:
+            raise ConfigError(f"eval.stop_target={cfg.eval.stop_target!r} needs data.approximate")
         self.split_check: Optional[dict] = None
         self.history: list[dict] = []
         self.best: Optional[dict] = None
@@ -206,19 +220,15 @@ class Evaluator:
 
     def _check_split(self, before: dict) -> Optional[dict]:
         """Is the approximate set a fair stand-in for unseen data? (blind baseline + the original model's gap)."""
-        from ..data import load_documents
-        from .shift import check_split
+        from ..split import check_run_data
         cfg = self.cfg
         if not (cfg.eval.split_check and cfg.data.forget and cfg.data.approximate):
             return None
         report = None
         if E.is_main():
-            texts = {n: list(load_documents(getattr(cfg.data, n), cfg.data.text_field)["text"])
-                     for n in (MEMBER_SPLIT, NONMEMBER_SPLIT)}
-            report = check_split(texts[MEMBER_SPLIT], texts[NONMEMBER_SPLIT],
-                                 forget_loss=before["splits"][MEMBER_SPLIT]["loss"],
-                                 approx_loss=before["splits"][NONMEMBER_SPLIT]["loss"],
-                                 auc_band=cfg.eval.split_check_auc_band, seed=cfg.train.seed)
+            report = check_run_data(cfg, auc_band=cfg.eval.split_check_auc_band, seed=cfg.train.seed,
+                                    forget_loss=before["splits"][MEMBER_SPLIT]["loss"],
+                                    approx_loss=before["splits"][NONMEMBER_SPLIT]["loss"])
             if not report.passed:
                 log.warning("split check FAILED: %s", "; ".join(report.reasons))
             report = {**report.to_dict(), "markdown": report.to_markdown()}
@@ -250,16 +260,20 @@ class Evaluator:
     def evaluate(self, step: int, label: str) -> Optional[str]:
         result = evaluate_model(self.engine, self.splits, self.cfg, self.pad_id, mia=self.cfg.eval.mia,
                                 ref_nll=self.ref_nll)
-        entry = {"step": step, "label": label, **compact(result)}
-        self.history.append(entry)
-        self.last_full = result
         if self.before is None:
             self.before = result
             self.split_check = self._check_split(result)
+        target = target_loss(self.cfg, result, self.before, self.retrained)
+        if target is not None and MEMBER_SPLIT in result["splits"]:
+            result["target"] = target
+            result["target_gap"] = result["splits"][MEMBER_SPLIT]["loss"] - target
+        entry = {"step": step, "label": label, **compact(result)}
+        self.history.append(entry)
+        self.last_full = result
         self.logger.scalars(step, scalars(result))
         if E.is_main():
             log.info("eval %s: %s", label, ", ".join(f"{k} {v['loss']:.4f}" for k, v in result["splits"].items()))
-        if self.tracks_best and (self.best is None or abs(result["forget_gap"]) < abs(self.best["entry"]["forget_gap"])):
+        if self.tracks_best and (self.best is None or abs(result["target_gap"]) < abs(self.best["entry"]["target_gap"])):
             self.best = {"entry": entry, "result": result}
             if self.cfg.output.save_model:
                 E.export_hf_model(self.engine, self.tokenizer, str(self.run_dir / "model"))
@@ -278,6 +292,7 @@ class Evaluator:
             "steps": state.step,
             "stop_reason": state.stop_reason,
             "exported_step": after["entry"]["step"],
+            "stop_target": self.cfg.eval.stop_target,
             "verdict": verdict(after["result"], self.cfg),
             "before": compact(self.before),
             "after": compact(after["result"]),

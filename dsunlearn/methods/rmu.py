@@ -1,5 +1,7 @@
-"""RMU: representation misdirection. Steer forget activations at one layer to a fixed random direction, keep
-retain activations where theta_0 had them.
+"""RMU: representation misdirection, forget activations steered to a random direction, retain ones kept.
+
+At one layer, forget activations are pushed toward a fixed random vector and retain activations held where theta_0
+had them.
 
 Li et al., "The WMDP Benchmark: Measuring and Reducing Malicious Use With Unlearning", ICML 2024 (arXiv:2403.03218).
 
