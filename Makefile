@@ -41,7 +41,7 @@ demo: install
 	$(PY) -m dsunlearn demo
 
 test: mpi
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests/unit tests/dist tests/gpu
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

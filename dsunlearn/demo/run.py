@@ -67,7 +67,16 @@ def main(argv=None) -> int:
     if E.is_main():
         run_dir = Path(cfg.output.run_dir)
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        print(f"\nverdict: {metrics['verdict']}")
+        print(f"\n{'mean token loss':<16}{'before':>9}{'after':>9}{'retrained':>11}")
+        for split in ("forget", "approximate", "retain", "general"):
+            row = [metrics[k]["splits"][split]["loss"] if metrics.get(k) else float("nan")
+                   for k in ("before", "after", "retrained")]
+            print(f"{split:<16}{row[0]:>9.3f}{row[1]:>9.3f}{row[2]:>11.3f}")
+        auc = [metrics[k]["mia"]["loss"]["auc"] if metrics.get(k) else float("nan")
+               for k in ("before", "after", "retrained")]
+        print(f"{'LOSS-attack AUC':<16}{auc[0]:>9.3f}{auc[1]:>9.3f}{auc[2]:>11.3f}")
+        print(f"steps: {metrics['steps']} ({metrics['stop_reason'] or 'all planned steps'})")
+        print(f"verdict: {metrics['verdict']}")
         for w in warnings:
             print(f"warning: {w}")
         print(f"report: {(run_dir / 'report.md').resolve()}")

@@ -216,3 +216,20 @@ def test_check_split_small_and_duplicated_sets():
     assert any("within noise" in n for n in check_split(forget, prose_docs(gen, 20, seed=5)).notes)  # 0.1 is not
     with pytest.raises(ValueError, match="need documents"):
         check_split([], forget)
+
+
+def test_strata_keep_folds_balanced_per_domain():
+    """A per-domain balanced design (same count of forget and approximate documents in each domain) must not push
+    the blind AUC below chance: folds are stratified on (domain, label) when strata are given."""
+    from dsunlearn.eval.shift import blind_baseline_auc
+    from dsunlearn.toy import generate_documents
+    domains = {"a": generate_documents(24, seed=1, prefix="a"), "b": generate_documents(24, seed=2, prefix="b"),
+               "c": generate_documents(24, seed=3, prefix="c")}
+    forget = [d for docs in domains.values() for d in docs[:12]]
+    approx = [d for docs in domains.values() for d in docs[12:]]
+    strata = [k for k in domains for _ in range(12)] * 2
+    stratified = blind_baseline_auc(forget, approx, seed=0, strata=strata)["auc"]
+    assert 0.3 <= stratified <= 0.7, stratified
+    import pytest
+    with pytest.raises(ValueError, match="strata has 3 entries"):
+        blind_baseline_auc(forget, approx, strata=["a", "b", "c"])

@@ -1,0 +1,71 @@
+"""Kill a 2-rank ZeRO-3 run with SIGKILL after a checkpoint, resume it, and land on the uninterrupted weights."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import CPU_ZERO3, REPO, free_port, launch_env, run_cli, write_run_config
+
+NUM_STEPS = 30
+
+
+def _weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def _launcher():
+    return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(toy_world, tmp_path):
+    common = dict(train={"micro_batch_size": 2, "num_steps": NUM_STEPS, "lr": 2e-3, "warmup_ratio": 0.1},
+                  checkpoint={"every_n_steps": 5}, data={"approximate": None, "general": None})
+    full = write_run_config(tmp_path / "full.json", toy_world, tmp_path / "full", **common)
+    p = run_cli(["unlearn", "--config", str(full), "--zero", CPU_ZERO3], launcher=_launcher())
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    cfg = write_run_config(tmp_path / "killed.json", toy_world, killed_dir, **common)
+    cmd = _launcher() + ["--module", "dsunlearn", "unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]
+    proc = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = killed_dir / "checkpoints" / "latest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 5:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, mid-run
+    proc.wait()
+    step_at_kill = json.loads(latest.read_text())["step"]
+    assert 5 <= step_at_kill < NUM_STEPS
+    assert not (killed_dir / "model").exists()
+
+    p = run_cli(["unlearn", "--resume", str(killed_dir)], launcher=_launcher())
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = [json.loads(line) for line in (killed_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, NUM_STEPS + 1)), "each step logged exactly once"
+    want, got = _weights(tmp_path / "full"), _weights(killed_dir)
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6), (k, (got[k] - want[k]).abs().max())
+
+
+def test_resume_with_another_world_size_says_how_to_convert(toy_world, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = write_run_config(tmp_path / "r.json", toy_world, run_dir, train={"num_steps": 2},
+                           data={"approximate": None, "general": None})
+    p = run_cli(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3], launcher=_launcher())
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_cli(["unlearn", "--resume", str(run_dir)])  # one rank
+    assert p.returncode == 2, p.stderr[-2000:]
+    msg = p.stderr.strip().splitlines()[-1]
+    assert "written by 2 ranks, this run has 1" in msg and "zero_to_fp32.py" in msg
