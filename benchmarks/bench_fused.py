@@ -211,6 +211,14 @@ class PrecomputedReference:
         outputs["retain"].reference = self.per_step[self.index]
 
 
+def no_grad_forwards(engine, batches: list[dict]) -> None:
+    engine.eval()
+    with torch.no_grad():
+        for b in batches:
+            E.forward(engine, b["retain"])
+    engine.train()
+
+
 def build_cache(engine, batches: list[dict], topk: int) -> PrecomputedReference:
     per_step = []
     engine.eval()
@@ -317,6 +325,8 @@ def bench_cell(hidden: int, layers: int, seq_len: int, args, world: int, rank: i
     engines = {"fused": new_engine(config, ds_config, cfg, args.seed)}
     cell["engine_rss_mib"] = (_status_kib("VmRSS") - rss0) / 1024  # one trained engine's persistent footprint, rank 0
     engines["two_pass"] = new_engine(config, ds_config, cfg, args.seed)
+    for eng in engines.values():  # what a "before" evaluation or a reference/label cache pass does before step 1
+        no_grad_forwards(eng, batches[:args.nograd_before])
     shape = ModelShape.from_model(engines["fused"].module)
     cell["num_params"] = shape.num_params
     cell["flops_per_step_per_rank"] = step_flops(shape, seq_len, [Pass("train", tokens_per_rank)])["total"]
@@ -474,6 +484,9 @@ def main() -> None:
     ap.add_argument("--live-fraction", type=float, default=None, metavar="F",
                     help="set stage3_max_live_parameters and stage3_max_reuse_distance to F x the model's parameters "
                          "(0.15 = ds_configs/zero3.json's 1e9 for a 6.7B model: the backward must re-gather most layers)")
+    ap.add_argument("--nograd-before", type=int, default=0, metavar="N",
+                    help="GA+GD: N no-grad eval forwards on each trained engine before step 1, as dsunlearn's "
+                         "'before' evaluation and its cache passes do (changes ZeRO-3's later fetch pattern)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write every measurement here (rank 0)")
     ap.add_argument("--markdown", help="write the report here (rank 0)")
@@ -523,6 +536,7 @@ def main() -> None:
         f"ZeRO-3 fp32 (`{Path(args.zero).relative_to(REPO) if Path(args.zero).is_relative_to(REPO) else args.zero}`"
         f"{', ' + ', '.join(args.zero_set) if args.zero_set else ''}"
         f"{f', stage3_max_live_parameters = stage3_max_reuse_distance = {args.live_fraction} x params' if args.live_fraction is not None else ''}"
+        f"{f'; {args.nograd_before} no-grad forwards on each GA+GD engine before step 1' if args.nograd_before else ''}"
         f"), random Llama, vocab {args.vocab}, untied, "
         f"micro-batch {args.micro_batch_size} forget + {args.micro_batch_size} retain chunks per rank; "
         f"{args.warmup} warm-up + {args.count_steps} counted + {args.steps} timed steps per design.",

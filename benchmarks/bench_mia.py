@@ -1,7 +1,7 @@
 """Throughput of the vectorised evaluation suite (split metrics + every MIA score) vs a per-example loop.
 
-    python benchmarks/bench_mia.py                             # 16 chunks x 256 tokens, 2 x Llama 7.3M, vocab 8192
-    python benchmarks/bench_mia.py --chunks 8 --seq-len 128    # quick
+    python benchmarks/bench_mia.py                             # 8 chunks x 256 tokens, 2 x Llama 7.3M, vocab 8192 
+    python benchmarks/bench_mia.py --chunks 4 --seq-len 128    # quick
 (with the package installed, or ``PYTHONPATH=.`` from the repo root)
 
 All three designs compute the same numbers for every chunk (asserted equal: ``|a - b| / max(|b|, 1) < 1e-5``): nll_sum,
@@ -226,7 +226,7 @@ def timed(fn, *a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--chunks", type=int, default=16)
+    p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--vocab", type=int, default=8192)

@@ -74,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_and_model_parsers(sub)
 
+    p = sub.add_parser("lm-eval", help="downstream tasks with lm-evaluation-harness on a saved model")
+    p.add_argument("--model", required=True, help="Hugging Face model directory (e.g. RUN_DIR/model)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--out", required=True, help="lm-eval output directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="examples per task (quick looks)")
+    p.add_argument("--include-path", default=None, help="folder of your own task YAMLs")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--print-only", action="store_true", help="print the lm_eval command, do not run it")
+
     sub.add_parser("methods", help="list the registered unlearning methods")
     return parser
 
@@ -172,6 +184,17 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_lm_eval(args) -> int:
+    from .eval.downstream import lm_eval_command, run_lm_eval
+    cmd = lm_eval_command(args.model, [t for t in args.tasks.split(",") if t], args.out, device=args.device,
+                          batch_size=args.batch_size, limit=args.limit, include_path=args.include_path,
+                          num_fewshot=args.num_fewshot, trust_remote_code=args.trust_remote_code)
+    if args.print_only:
+        print(" ".join(cmd))
+        return 0
+    return run_lm_eval(cmd)
+
+
 def cmd_methods(args) -> int:
     from .methods import METHODS
     for name, cls in sorted(METHODS.items()):
@@ -181,7 +204,7 @@ def cmd_methods(args) -> int:
 
 
 COMMANDS = {"unlearn": cmd_unlearn, "pretrain": cmd_pretrain, "eval": cmd_eval, "demo": cmd_demo,
-            "methods": cmd_methods, "sweep": cmd_sweep}
+            "lm-eval": cmd_lm_eval, "methods": cmd_methods, "sweep": cmd_sweep}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

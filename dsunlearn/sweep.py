@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import engine as E
+from . import loop
 from .config import ConfigError, MethodConfig, RunConfig, load_run_config, parse_override, to_dict
 
 log = logging.getLogger(__name__)
@@ -152,17 +153,16 @@ def plan(config_path: Optional[str], overrides: list[str], grid: list[GridAxis],
 
 def check_points(points: list[Point], zero_path: str) -> None:
     """What a launch of each point would refuse, checked for all of them before the first one runs."""
-    from .loop import resolve_configs, stream_sources
     from .methods import build_method, term_weights
     world = E.world_size()
     for p in points:
         where = f"sweep point {p.label}/{p.name}"
         cfg = p.cfg
         try:
-            resolve_configs(cfg, zero_path, world)
+            loop.resolve_configs(cfg, zero_path, world)
             method = build_method(cfg.method)
             term_weights(method, cfg.method)
-            stream_sources(cfg, method.streams)
+            loop.stream_sources(cfg, method.streams)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         need = [s for s in ("forget", "retain") if not getattr(cfg.data, s) or s not in cfg.eval.splits]
@@ -197,21 +197,46 @@ def point_state(p: Point) -> str:
     return "done"
 
 
-def _free_memory() -> int:
-    """Between points: release the previous point's engines (weight shards, optimizer states, hooks). Returns how
-    many DeepSpeed engines are still alive afterwards (0 expected).
+def _clear_lru_caches(fn, depth: int = 0) -> None:
+    """``cache_clear()`` every ``functools.lru_cache`` found under ``fn`` (through decorators' ``__wrapped__``/closures)."""
+    if hasattr(fn, "cache_clear"):
+        fn.cache_clear()
+        return
+    inner = [getattr(fn, "__wrapped__", None)]
+    for cell in getattr(fn, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            inner.append(cell.cell_contents)
+    for f in inner:
+        if callable(f) and depth < 4:
+            _clear_lru_caches(f, depth + 1)
 
-    ``unlearn`` drops its engines when it returns, but DeepSpeed 0.19.x keeps them reachable: ZeRO-3 registers
-    forward/grad-accumulation hooks that close over the engine (only ``engine.destroy()`` removes them) and pushes
-    every engine's root module onto the module-global ``parameter_offload.FWD_MODULE_STACK`` without popping it.
-    Measured without this: +2 live engines per ga_kl point in one process. No engine is in use between points, so
-    every live one is destroyed here and the stack, empty between forwards, is cleared.
+
+def release_engines() -> int:
+    """Between points: let the previous point's engines (weight shards, optimizer states) be freed. Returns how many
+    DeepSpeed engines are still alive afterwards (0 expected).
+
+    ``unlearn`` drops its engines when it returns, but DeepSpeed 0.19.x keeps every ZeRO-3 engine a process built
+    alive (found by walking the object graph): the gradient hooks ZeRO-3 registers on parameters are held in C++,
+    invisible to the garbage collector, and close over the optimizer (only ``engine.destroy()`` removes them);
+    ``PartitionedParameterCoordinator.__params_to_release`` is a method under ``functools.lru_cache`` whose cache keys
+    hold the coordinator and the model (and through its forward hooks the engine); and every engine's root module is
+    pushed onto the module-global ``parameter_offload.FWD_MODULE_STACK`` at setup and never popped. Measured without this: +1 live engine per ga point, +2 per ga_kl
+    point (trained + reference engine). No engine is in use between points, so every live one is destroyed and both
+    globals are emptied (the cache only saves recomputation; the stack is empty between forwards).
     """
     from deepspeed.runtime.engine import DeepSpeedEngine
     gc.collect()
-    for engine in [o for o in gc.get_objects() if isinstance(o, DeepSpeedEngine)]:
-        with contextlib.suppress(Exception):
-            engine.destroy()
+    engines = [o for o in gc.get_objects() if isinstance(o, DeepSpeedEngine)]
+    while engines:
+        try:
+            engines.pop().destroy()
+        except Exception as e:  # noqa: BLE001 - a failed release costs memory, not the sweep
+            log.warning("sweep: DeepSpeedEngine.destroy() failed: %s", e)
+    with contextlib.suppress(ImportError, AttributeError):
+        from deepspeed.runtime.zero import partitioned_param_coordinator
+        for attr in vars(partitioned_param_coordinator.PartitionedParameterCoordinator).values():
+            if callable(attr):
+                _clear_lru_caches(attr)
     with contextlib.suppress(ImportError, AttributeError):
         from deepspeed.runtime.zero import parameter_offload
         parameter_offload.FWD_MODULE_STACK.clear()
@@ -226,7 +251,6 @@ def run_sweep(config_path: Optional[str], zero_path: str, grid_specs: list[str],
               overrides: list[str] = (), forget_tol: float = 0.1, retain_tol: float = 0.1,
               command: str = "") -> Optional[dict]:
     """Run every missing point, then write sweep.json / sweep.md / heatmaps. Returns the summary on rank 0."""
-    from .loop import unlearn, write_json_atomic
     if forget_tol <= 0 or retain_tol <= 0:
         raise ConfigError("--forget-tol and --retain-tol: expected > 0 (nats)")
     grid = parse_grid(list(grid_specs))
@@ -252,13 +276,13 @@ def run_sweep(config_path: Optional[str], zero_path: str, grid_specs: list[str],
         if E.is_main():
             log.info("sweep point %d/%d: %s %s", i + 1, len(todo), p.label, p.name)
         # The point's exit code (3 = diverged, stopped by the guard) is part of its result, not a sweep failure.
-        unlearn(p.cfg, zero_path, overwrite=True)
-        alive = _free_memory()
+        loop.unlearn(p.cfg, zero_path, overwrite=True)
+        alive = release_engines()
         if alive and E.is_main():
             log.warning("sweep: %d DeepSpeed engine(s) of finished points are still alive (memory grows per point)",
                         alive)
         if E.is_main():
-            write_json_atomic(Path(out_dir) / "sweep.json", summarize(points, meta, forget_tol, retain_tol))
+            loop.write_json_atomic(Path(out_dir) / "sweep.json", summarize(points, meta, forget_tol, retain_tol))
     summary = None
     if E.is_main():
         summary = summarize(points, meta, forget_tol, retain_tol)
@@ -347,7 +371,6 @@ def _sorted_values(values: list) -> list:
 
 def write_outputs(summary: dict, out_dir: Path) -> None:
     from .eval.plots import plot_sweep_heatmap
-    from .loop import write_json_atomic
     out_dir.mkdir(parents=True, exist_ok=True)
     x, y, facet_keys = _axes(summary)
     xs = _sorted_values(summary["grid"][x]) if x else [None]
@@ -377,7 +400,7 @@ def write_outputs(summary: dict, out_dir: Path) -> None:
                 [format_value(v) for v in xs], [format_value(v) for v in ys], gap, degraded, in_band,
                 out_dir / "plots" / fname, title=title, x_label=x or "", y_label=y or "",
                 limit=limit, band=summary["forget_tol"]))
-    write_json_atomic(out_dir / "sweep.json", summary)
+    loop.write_json_atomic(out_dir / "sweep.json", summary)
     (out_dir / "sweep.md").write_text(render_markdown(summary, x, y, xs, ys, images, out_dir), encoding="utf-8")
 
 

@@ -65,3 +65,36 @@ def test_help_config_documents_every_field(capsys):
     out = capsys.readouterr().out
     assert "train.lr = 2e-05  -- Peak learning rate" in out
     assert all("--" in line and line.split("--", 1)[1].strip() for line in out.strip().splitlines())
+
+
+def test_lm_eval_hook_builds_the_call(toy_world, tmp_path, capsys):
+    assert main(["lm-eval", "--model", toy_world["model"], "--tasks", "arc_easy,hellaswag", "--out",
+                 str(tmp_path / "lm"), "--limit", "10", "--include-path", str(tmp_path), "--print-only"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert cmd[0].endswith("lm_eval") and cmd[cmd.index("--model") + 1] == "hf"
+    assert cmd[cmd.index("--model_args") + 1] == f"pretrained={Path(toy_world['model']).resolve()},dtype=float32"
+    assert cmd[cmd.index("--tasks") + 1] == "arc_easy,hellaswag"
+    assert cmd[cmd.index("--limit") + 1] == "10" and cmd[cmd.index("--device") + 1] == "cpu"
+    assert "trust_remote_code" not in " ".join(cmd)  # off unless asked
+    assert main(["lm-eval", "--model", str(tmp_path), "--tasks", "x", "--out", "o", "--print-only"]) == 2
+
+
+@pytest.mark.slow
+def test_lm_eval_runs_offline_on_a_local_task(toy_world, tmp_path):
+    """Really runs lm-eval (when installed) on a tiny task defined over a local JSONL file: no network."""
+    import shutil
+    import subprocess
+    if shutil.which("lm_eval") is None:
+        pytest.skip("lm-eval not installed (pip install 'dsunlearn[lm_eval]')")
+    (tmp_path / "tiny.jsonl").write_text("\n".join(json.dumps({"text": f"w{i} w{i+1} w{i+2}."}) for i in range(8)))
+    (tmp_path / "tiny.yaml").write_text(
+        "task: dsunlearn_tiny\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'tiny.jsonl'}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")
+    from dsunlearn.eval.downstream import lm_eval_command
+    cmd = lm_eval_command(toy_world["model"], ["dsunlearn_tiny"], str(tmp_path / "out"), include_path=str(tmp_path),
+                          batch_size=2)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert list((tmp_path / "out").rglob("results*.json"))
