@@ -1,6 +1,6 @@
 """Throughput of the vectorised evaluation suite (split metrics + every MIA score) vs a per-example loop.
 
-    python benchmarks/bench_mia.py                             # 8 chunks x 256 tokens, 2 x Llama 7.3M, vocab 8192 
+    python benchmarks/bench_mia.py                             # 8 chunks x 256 tokens, 2 x Llama 7.3M, vocab 8192
     python benchmarks/bench_mia.py --chunks 4 --seq-len 128    # quick
 (with the package installed, or ``PYTHONPATH=.`` from the repo root)
 

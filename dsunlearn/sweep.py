@@ -226,7 +226,7 @@ def release_engines() -> int:
     """
     from deepspeed.runtime.engine import DeepSpeedEngine
     gc.collect()
-    engines = [o for o in gc.get_objects() if isinstance(o, DeepSpeedEngine)]
+    engines = _live_engines(DeepSpeedEngine)
     while engines:
         try:
             engines.pop().destroy()
@@ -244,7 +244,12 @@ def release_engines() -> int:
     with contextlib.suppress(Exception):  # CPU accelerators without a cache
         from deepspeed.accelerator import get_accelerator
         get_accelerator().empty_cache()
-    return sum(1 for o in gc.get_objects() if isinstance(o, DeepSpeedEngine))
+    return len(_live_engines(DeepSpeedEngine))
+
+
+def _live_engines(cls) -> list:
+    # type(o), not isinstance: isinstance reads o.__class__, which lazy proxies among all objects answer noisily.
+    return [o for o in gc.get_objects() if issubclass(type(o), cls)]
 
 
 def run_sweep(config_path: Optional[str], zero_path: str, grid_specs: list[str], methods_spec: str, out_dir: str,

@@ -98,8 +98,7 @@ def plot_sweep_heatmap(x_values: Sequence, y_values: Sequence, gap, degraded, in
     from matplotlib.ticker import FuncFormatter
 
     gap = np.asarray(gap, dtype=np.float64)
-    cmap = colormaps["RdBu_r"].copy()
-    cmap.set_bad("#bbbbbb")
+    cmap = colormaps["RdBu_r"].with_extremes(bad="#bbbbbb")
     limit = max(float(limit), 5 * band)
     norm = SymLogNorm(linthresh=band, linscale=0.5, vmin=-limit, vmax=limit, base=10)
     fig = Figure(figsize=(1.4 * len(x_values) + 3.2, 0.9 * len(y_values) + 2.2), layout="constrained")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -21,21 +22,24 @@ POINTS = ["lr=0.001_num_steps=1", "lr=0.001_num_steps=2", "lr=0.01_num_steps=1",
 
 def test_sweep_runs_resumes_without_rerunning_and_writes_outputs(toy_world, tmp_path, monkeypatch, capsys):
     cfg = write_run_config(tmp_path / "run.json", toy_world, tmp_path / "unused",
-                           eval={"max_chunks": 4, "micro_batch_size": 4, "mia": False})
+                           eval={"max_chunks": 4, "micro_batch_size": 4, "mia": False, "split_check": False,
+                                 "splits": ["forget", "retain", "approximate"]})
     out = tmp_path / "sweep"
     args = ["sweep", "--config", str(cfg), "--zero", CPU_ZERO3, "--grid", "train.lr=1e-3,1e-2",
             "--grid", "train.num_steps=1,2", "--methods", "ga_gd", "--out", str(out)]
     real_unlearn, calls = loop.unlearn, []
 
-    def crashing_on_third(cfg, zero_path, **kw):
+    def killed_during_third(cfg, zero_path, **kw):
         calls.append(os.path.basename(cfg.output.run_dir))
-        code = real_unlearn(cfg, zero_path, **kw)
-        if len(calls) == 3:  # killed after the evaluation, before summary.json: an incomplete point
-            os.remove(os.path.join(cfg.output.run_dir, "summary.json"))
+        if len(calls) == 3:  # the process dies mid-run: a run directory with metrics.json but no summary.json
+            run_dir = Path(cfg.output.run_dir)
+            run_dir.mkdir(parents=True)
+            (run_dir / "metrics.json").write_text('{"after": {}}')
+            (run_dir / "log.jsonl").write_text('{"step": 1}\n')
             raise RuntimeError("killed")
-        return code
+        return real_unlearn(cfg, zero_path, **kw)
 
-    monkeypatch.setattr(loop, "unlearn", crashing_on_third)
+    monkeypatch.setattr(loop, "unlearn", killed_during_third)
     with pytest.raises(RuntimeError, match="killed"):
         main(args)
     assert calls == POINTS[:3]
@@ -49,6 +53,7 @@ def test_sweep_runs_resumes_without_rerunning_and_writes_outputs(toy_world, tmp_
     assert main(args) == 0
     assert calls == POINTS[2:], "finished points must not run again; the killed one reruns from scratch"
     assert {n: (out / "ga_gd" / n / "summary.json").stat().st_mtime_ns for n in POINTS[:2]} == mtimes
+    assert json.loads((out / "ga_gd" / POINTS[2] / "metrics.json").read_text())["after"]  # the partial one replaced
 
     summary = json.loads((out / "sweep.json").read_text())
     assert [p["params"] for p in summary["points"]] == [
