@@ -211,6 +211,20 @@ class PrecomputedReference:
         outputs["retain"].reference = self.per_step[self.index]
 
 
+def clear_release_cache() -> None:
+    """Forget ZeRO-3's cached "which parameters to release after this module" decisions.
+
+    DeepSpeed 0.19.8 memoises ``PartitionedParameterCoordinator.__params_to_release`` with ``functools.lru_cache``
+    keyed by (coordinator, module, step id) and never clears it when the trace is invalidated and re-recorded. After
+    no-grad forwards (a forward-only trace), the decisions computed from that trace ("nothing reuses these parameters
+    later, release them") outlive it, so every later training step releases parameters after the forward and gathers
+    them again in the backward. Private API, for this benchmark's ``--clear-release-cache`` demonstration only.
+    """
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as PPC
+    wrapped = PPC._PartitionedParameterCoordinator__params_to_release  # the instrument_w_nvtx wrapper (no __wrapped__)
+    next(c.cell_contents for c in wrapped.__closure__ if hasattr(c.cell_contents, "cache_clear")).cache_clear()
+
+
 def no_grad_forwards(engine, batches: list[dict]) -> None:
     engine.eval()
     with torch.no_grad():
@@ -334,6 +348,8 @@ def bench_cell(hidden: int, layers: int, seq_len: int, args, world: int, rank: i
         "fused": lambda i: fused_step(engines["fused"], gd, gd_w, batches[i]),
         "two_pass": lambda i: two_pass_step(engines["two_pass"], gd, gd_w, batches[i]),
     }
+    if args.clear_release_cache:
+        designs = {name: (lambda i, fn=fn: (clear_release_cache(), fn(i))[1]) for name, fn in designs.items()}
     records = run_cell(designs, args.warmup, args.count_steps, args.steps, world)
     cell["ga_gd"] = summarise(records, tokens_per_rank, world)
     la, lb = cell["ga_gd"]["fused"]["losses"], cell["ga_gd"]["two_pass"]["losses"]
@@ -487,6 +503,9 @@ def main() -> None:
     ap.add_argument("--nograd-before", type=int, default=0, metavar="N",
                     help="GA+GD: N no-grad eval forwards on each trained engine before step 1, as dsunlearn's "
                          "'before' evaluation and its cache passes do (changes ZeRO-3's later fetch pattern)")
+    ap.add_argument("--clear-release-cache", action="store_true",
+                    help="GA+GD: clear DeepSpeed's memoised release decisions before every step (see "
+                         "clear_release_cache: the fix for what --nograd-before shows)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write every measurement here (rank 0)")
     ap.add_argument("--markdown", help="write the report here (rank 0)")
@@ -537,6 +556,7 @@ def main() -> None:
         f"{', ' + ', '.join(args.zero_set) if args.zero_set else ''}"
         f"{f', stage3_max_live_parameters = stage3_max_reuse_distance = {args.live_fraction} x params' if args.live_fraction is not None else ''}"
         f"{f'; {args.nograd_before} no-grad forwards on each GA+GD engine before step 1' if args.nograd_before else ''}"
+        f"{'; release cache cleared before every GA+GD step' if args.clear_release_cache else ''}"
         f"), random Llama, vocab {args.vocab}, untied, "
         f"micro-batch {args.micro_batch_size} forget + {args.micro_batch_size} retain chunks per rank; "
         f"{args.warmup} warm-up + {args.count_steps} counted + {args.steps} timed steps per design.",

@@ -98,3 +98,27 @@ def test_lm_eval_runs_offline_on_a_local_task(toy_world, tmp_path):
                        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert list((tmp_path / "out").rglob("results*.json"))
+
+
+def test_readme_run_config_and_commands_dry_run(toy_world, tmp_path, capsys):
+    """The README's run config (paths pointed at the toy world) resolves with the README's ZeRO config."""
+    import re
+    readme = (REPO / "README.md").read_text()
+    cfg = json.loads(re.search(r"```json\n(.*?)```", readme, re.S).group(1))
+    cfg["model"]["path"] = toy_world["model"]
+    for split in ("forget", "retain", "approximate"):
+        cfg["data"][split] = toy_world[split]
+    cfg["data"]["seq_len"] = 64
+    cfg["output"]["run_dir"] = str(tmp_path / "run")
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(cfg))
+    for line in readme.splitlines():
+        if "dsunlearn unlearn --config run.json" in line and "python -m" in line:
+            args = line.split("python -m dsunlearn ", 1)[1].split("#")[0].split()
+            args = [str(path) if a == "run.json" else str(REPO / a) if a.startswith("ds_configs/") else a
+                    for a in args]
+            assert main(args + ["--dry-run", "--world-size", "8"]) == 0
+            assert json.loads(capsys.readouterr().out)["zero_config"]["train_batch_size"] == 1 * 4 * 8
+            break
+    else:
+        raise AssertionError("README shows no `python -m dsunlearn unlearn --config run.json` line")
