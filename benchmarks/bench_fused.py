@@ -1,9 +1,14 @@
 """Fused single-forward unlearning step vs the two-pass step, under ZeRO-3: bytes communicated, seconds, memory.
 
-    # the full sweep (3 sizes x 2 sequence lengths, GA+GD; GA+KL reference engine vs cache), 2 CPU ranks, ~10 min
+    # the sweep: GA+GD at 3 sizes (2.9M/7.3M/20.8M) x 2 lengths (128/512), GA+KL engine vs cache at the two smaller
+    # sizes and T=128; 2 CPU ranks, ~8.5 min on the 2-core machines (benchmarks/RESULTS_fused.md)
     DS_ACCELERATOR=cpu GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$PWD/.torch_extensions \\
-      deepspeed --num_gpus 2 --master_port 29631 benchmarks/bench_fused.py --json benchmarks/out/fused.json
-    # a quick look (one size, one length, GA+GD only)
+      deepspeed --num_gpus 2 --master_port 29631 benchmarks/bench_fused.py --json .cache/bench_fused/main.json
+    # the 7B regime: ZeRO-3's live-parameter budget at 0.15 x the model, as ds_configs/zero3.json gives a 6.7B model
+    ... benchmarks/bench_fused.py --seq-lens 128 --no-kl --live-fraction 0.15
+    # DeepSpeed 0.19.8's memoised release decisions after no-grad forwards, and the fix
+    ... benchmarks/bench_fused.py --sizes 128x4,256x4 --seq-lens 128 --no-kl --nograd-before 2 [--clear-release-cache]
+    # a quick look (one size, one length, GA+GD only, ~40 s)
     ... benchmarks/bench_fused.py --sizes 128x4 --seq-lens 128 --no-kl
 
 Every design runs in this one process on the same randomly initialised Llama (each design its own ZeRO-3 engine built
@@ -226,6 +231,8 @@ def clear_release_cache() -> None:
 
 
 def no_grad_forwards(engine, batches: list[dict]) -> None:
+    if not batches:
+        return
     engine.eval()
     with torch.no_grad():
         for b in batches:
@@ -301,7 +308,8 @@ def summarise(records: dict, tokens_per_rank: int, world: int) -> dict:
         med = statistics.median(secs)
         out[name] = {
             "seconds_median": med, "seconds": secs, "tokens_per_s_per_rank": tokens_per_rank / med,
-            "peak_rss_delta_mib_median": statistics.median(peaks) / 1024, "peak_rss_delta_mib": [p / 1024 for p in peaks],
+            "peak_rss_delta_mib_median": statistics.median(peaks) / 1024,
+            "peak_rss_delta_mib": [p / 1024 for p in peaks],
             "all_gather_bytes": per_step("all_gather_into_tensor", "bytes"),
             "all_gather_calls": per_step("all_gather_into_tensor", "calls"),
             "reduce_scatter_bytes": per_step("reduce_scatter_tensor", "bytes"),
@@ -372,6 +380,8 @@ def bench_cell(hidden: int, layers: int, seq_len: int, args, world: int, rank: i
 
         designs = {"ref_engine": lambda i: fused_step(engines["ref_engine"], kl, kl_w, batches[i], reference),
                    "ref_cache": cached}
+        if args.clear_release_cache:
+            designs = {name: (lambda i, fn=fn: (clear_release_cache(), fn(i))[1]) for name, fn in designs.items()}
         records = run_cell(designs, args.warmup, args.count_steps, args.steps, world)
         cell["ga_kl"] = summarise(records, tokens_per_rank, world)
         del engines, designs, reference, cache
@@ -424,7 +434,8 @@ def markdown(cells: list[dict], kl: bool) -> str:
         f, t = c["ga_gd"]["fused"], c["ga_gd"]["two_pass"]
         lines.append(
             f"| {c['num_params'] / 1e6:.1f}M (h{c['hidden']} L{c['layers']}) | {c['seq_len']} "
-            f"| {f['seconds_median']:.3f} | {t['seconds_median']:.3f} | {paired_ratio(c['ga_gd'], 'two_pass', 'fused'):.2f}x "
+            f"| {f['seconds_median']:.3f} | {t['seconds_median']:.3f} "
+            f"| {paired_ratio(c['ga_gd'], 'two_pass', 'fused'):.2f}x "
             f"| {f['tokens_per_s_per_rank']:.0f} | {t['tokens_per_s_per_rank']:.0f} "
             f"| {mb(f['all_gather_bytes'])} | {mb(t['all_gather_bytes'])} "
             f"| {f['all_gather_bytes'] / t['all_gather_bytes']:.2f} "
@@ -435,8 +446,9 @@ def markdown(cells: list[dict], kl: bool) -> str:
     if kl:
         lines += [
             "",
-            "GA+KL, fused step with the reference as a frozen ZeRO-3 engine (E, one no-grad forward of the retain part, "
-            "full-vocabulary KL) vs cached top-k reference (C, computed once before step 1; build time not in s/step).",
+            "GA+KL, fused step with the reference as a frozen ZeRO-3 engine (E, one no-grad forward of the retain "
+            "part, full-vocabulary KL) vs cached top-k reference (C, computed once before step 1; build time not in "
+            "s/step).",
             "",
             "| params | T | s/step E | s/step C | speedup C | AG MB E | AG MB C | AG C/E | AG calls E / C | peak MiB E "
             "| peak MiB C | cache build s |",
@@ -499,12 +511,13 @@ def main() -> None:
                     help="override a zero_optimization key, e.g. stage3_max_reuse_distance=0")
     ap.add_argument("--live-fraction", type=float, default=None, metavar="F",
                     help="set stage3_max_live_parameters and stage3_max_reuse_distance to F x the model's parameters "
-                         "(0.15 = ds_configs/zero3.json's 1e9 for a 6.7B model: the backward must re-gather most layers)")
+                         "(0.15 = ds_configs/zero3.json's 1e9 for a 6.7B model: the backward must re-gather most "
+                         "layers)")
     ap.add_argument("--nograd-before", type=int, default=0, metavar="N",
                     help="GA+GD: N no-grad eval forwards on each trained engine before step 1, as dsunlearn's "
                          "'before' evaluation and its cache passes do (changes ZeRO-3's later fetch pattern)")
     ap.add_argument("--clear-release-cache", action="store_true",
-                    help="GA+GD: clear DeepSpeed's memoised release decisions before every step (see "
+                    help="clear DeepSpeed's memoised release decisions before every step of every design (see "
                          "clear_release_cache: the fix for what --nograd-before shows)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write every measurement here (rank 0)")
@@ -539,13 +552,16 @@ def main() -> None:
             cells.append(cell)
             if rank == 0:
                 f, t = cell["ga_gd"]["fused"], cell["ga_gd"]["two_pass"]
-                print(f"h{hidden} L{layers} T{seq_len} ({cell['num_params'] / 1e6:.1f}M, {cell['wall_seconds']:.0f} s): "
+                print(f"h{hidden} L{layers} T{seq_len} ({cell['num_params'] / 1e6:.1f}M, "
+                      f"{cell['wall_seconds']:.0f} s): "
                       f"fused {f['seconds_median']:.3f} s, {mb(f['all_gather_bytes'])} MB AG; two-pass "
                       f"{t['seconds_median']:.3f} s, {mb(t['all_gather_bytes'])} MB AG", flush=True)
     if rank != 0:
         return
     elapsed = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     fit = fit_copies(cells, bytes_per_param=4)
+    live_note = (f", stage3_max_live_parameters = stage3_max_reuse_distance = {args.live_fraction} x params"
+                 if args.live_fraction is not None else "")
     report = "\n".join([
         f"## bench_fused, {started:%Y-%m-%d} ({elapsed / 60:.1f} min)",
         "",
@@ -554,7 +570,7 @@ def main() -> None:
         f"{info['python']}, torch {info['torch']}, deepspeed {info['deepspeed']}, transformers {info['transformers']}. "
         f"ZeRO-3 fp32 (`{Path(args.zero).relative_to(REPO) if Path(args.zero).is_relative_to(REPO) else args.zero}`"
         f"{', ' + ', '.join(args.zero_set) if args.zero_set else ''}"
-        f"{f', stage3_max_live_parameters = stage3_max_reuse_distance = {args.live_fraction} x params' if args.live_fraction is not None else ''}"
+        f"{live_note}"
         f"{f'; {args.nograd_before} no-grad forwards on each GA+GD engine before step 1' if args.nograd_before else ''}"
         f"{'; release cache cleared before every GA+GD step' if args.clear_release_cache else ''}"
         f"), random Llama, vocab {args.vocab}, untied, "

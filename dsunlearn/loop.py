@@ -264,6 +264,7 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
 
     ``method`` overrides the registry lookup (``dsunlearn pretrain`` passes plain language modelling).
     """
+    started = time.time()
     E.init_distributed()
     world = E.world_size()
     ds_config = resolve_configs(cfg, zero_path, world)
@@ -363,7 +364,8 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
         if E.is_main():
             write_json_atomic(Path(run_dir) / "summary.json",
                               {"steps": state.step, "num_steps": num_steps, "stop_reason": state.stop_reason,
-                               "exit_code": exit_code, "cost": cost})
+                               "exit_code": exit_code, "train_seconds": round(state.seconds, 3),
+                               "wall_seconds": round(time.time() - started, 3), "cost": cost})
             log.info("cost: %s", cost_line(cost))
     finally:
         logger.close()

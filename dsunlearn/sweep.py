@@ -304,29 +304,44 @@ def _finite(x) -> Optional[float]:
 
 
 def point_figures(metrics: dict, forget_tol: float, retain_tol: float) -> dict:
-    """The figures of one finished point, from its metrics.json ("after" = the exported weights)."""
+    """The figures of one finished point from its metrics.json.
+
+    Judged on the weights the run delivers ("after": with the stop rule on, the evaluation that came closest to its
+    target, which is the original model when every later evaluation was further away). ``final_*`` are the last
+    evaluation's (the final weights): a run that jumped over the band between two evaluations is ``overshot`` even
+    when what it exports sits below the target.
+    """
     before, after = metrics["before"]["splits"], metrics["after"]["splits"]
+    final = (metrics.get("history") or [metrics["after"]])[-1]["splits"]
     retrained = (metrics.get("retrained") or {}).get("splits", {})
     if "forget" in retrained:
         target, target_source = retrained["forget"]["loss"], "retrained model: forget loss"
     else:
         target, target_source = before["approximate"]["loss"], "original model: approximate loss"
+    retain0 = before["retain"]["loss"]
+    general0 = _finite(before.get("general", {}).get("loss"))
+
+    def delta(value, base):
+        return value - base if value is not None and base is not None else None
+
     loss = {s: _finite(after.get(s, {}).get("loss")) for s in ("forget", "retain", "approximate", "general")}
-    gap = loss["forget"] - target if loss["forget"] is not None else None
-    degradation = loss["retain"] - before["retain"]["loss"] if loss["retain"] is not None else None
-    general_before = _finite(before.get("general", {}).get("loss"))
+    final_forget, final_retain = (_finite(final.get(s, {}).get("loss")) for s in ("forget", "retain"))
+    gap, degradation = delta(loss["forget"], target), delta(loss["retain"], retain0)
+    final_gap = delta(final_forget, target)
     return {
         "forget_loss": loss["forget"], "retain_loss": loss["retain"], "approximate_loss": loss["approximate"],
         "general_loss": loss["general"],
         "target": target, "target_source": target_source,
         "forget_gap": gap,
-        "retain_loss_original": before["retain"]["loss"],
+        "retain_loss_original": retain0,
         "retain_degradation": degradation,
-        "general_degradation": (loss["general"] - general_before
-                                if loss["general"] is not None and general_before is not None else None),
+        "general_degradation": delta(loss["general"], general0),
         "retain_degraded": degradation is None or degradation > retain_tol,
         "in_band": gap is not None and abs(gap) <= forget_tol and degradation is not None
                    and degradation <= retain_tol,
+        "final_forget_gap": final_gap, "final_retain_degradation": delta(final_retain, retain0),
+        # A non-finite final forget loss (divergence) counts as overshooting.
+        "overshot": final_gap is None or final_gap > forget_tol,
         "steps": metrics.get("steps"), "exported_step": metrics.get("exported_step"),
         "stop_reason": metrics.get("stop_reason"), "verdict": metrics.get("verdict"),
     }
