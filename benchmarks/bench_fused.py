@@ -217,17 +217,8 @@ class PrecomputedReference:
 
 
 def clear_release_cache() -> None:
-    """Forget ZeRO-3's cached "which parameters to release after this module" decisions.
-
-    DeepSpeed 0.19.8 memoises ``PartitionedParameterCoordinator.__params_to_release`` with ``functools.lru_cache``
-    keyed by (coordinator, module, step id) and never clears it when the trace is invalidated and re-recorded. After
-    no-grad forwards (a forward-only trace), the decisions computed from that trace ("nothing reuses these parameters
-    later, release them") outlive it, so every later training step releases parameters after the forward and gathers
-    them again in the backward. Private API, for this benchmark's ``--clear-release-cache`` demonstration only.
-    """
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as PPC
-    wrapped = PPC._PartitionedParameterCoordinator__params_to_release  # the instrument_w_nvtx wrapper (no __wrapped__)
-    next(c.cell_contents for c in wrapped.__closure__ if hasattr(c.cell_contents, "cache_clear")).cache_clear()
+    """dsunlearn's workaround (engine.forget_zero3_release_decisions), applied by --clear-release-cache."""
+    E.forget_zero3_release_decisions()
 
 
 def no_grad_forwards(engine, batches: list[dict]) -> None:

@@ -311,3 +311,24 @@ def forward(engine, batch: dict, output_hidden_states: bool = False):
     dev = engine.device
     return engine(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                   output_hidden_states=output_hidden_states, use_cache=False)
+
+
+def forget_zero3_release_decisions() -> None:
+    """Work around a DeepSpeed 0.19.8 ZeRO-3 bug before each training step.
+
+    ``PartitionedParameterCoordinator.__params_to_release`` is memoised with ``functools.lru_cache`` keyed by
+    (coordinator, module, step id) and never cleared when the module trace is invalidated and re-recorded. After no-grad
+    forwards on the trained engine (the evaluation before step 1, theta_0 passes for caches and labels) the decisions
+    taken from that forward-only trace ("nothing needs these parameters later: release them") outlive it, and every
+    later step releases the parameters after the forward and gathers them all again in the backward: 2 model copies
+    all-gathered per step instead of 1 (measured by benchmarks/bench_fused.py --nograd-before). Clearing the memo
+    costs a few Python calls per module. Private API: guarded, a no-op where it does not exist.
+    """
+    try:
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as PPC
+        wrapped = PPC._PartitionedParameterCoordinator__params_to_release  # behind an nvtx wrapper (no __wrapped__)
+        for cell in wrapped.__closure__ or ():
+            if hasattr(cell.cell_contents, "cache_clear"):
+                cell.cell_contents.cache_clear()
+    except (ImportError, AttributeError, ValueError):
+        pass

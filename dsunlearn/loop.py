@@ -380,6 +380,8 @@ def train_step(engine, method, weights, streams, samplers, step, cfg, pad_id, re
     """
     t, rank = cfg.train, E.rank()
     start = time.perf_counter()
+    if engine.zero_optimization_partition_weights():
+        E.forget_zero3_release_decisions()
     lr = engine.get_lr()[0]  # the LR this step's update uses (the scheduler advances inside engine.step)
     term_sums: dict[str, float] = {}
     nll_sums: dict[str, float] = {}

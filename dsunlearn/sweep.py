@@ -181,19 +181,24 @@ def _read_json(path: Path) -> Optional[dict]:
         return None
 
 
-def point_state(p: Point) -> str:
-    """"done" (complete and run with this very config), "run" (absent or incomplete); a stale complete point raises."""
+def point_state(p: Point, ds_config: dict) -> str:
+    """"done" (complete, and run with this very run config and resolved ZeRO config) or "run" (absent or incomplete).
+
+    A complete point run with another config (an edited run config, another ZeRO JSON, another world size, hence
+    another global batch) raises: mixing it into this sweep would compare unlike runs.
+    """
     summary, metrics = _read_json(p.run_dir / "summary.json"), _read_json(p.run_dir / "metrics.json")
     if not (summary and "steps" in summary and metrics and "after" in metrics):
         return "run"
-    stored = _read_json(p.run_dir / "config.json")
-    if stored != to_dict(p.cfg):
-        want = to_dict(p.cfg)
-        diff = sorted(f"{s}.{k}" for s in want for k in want[s]
-                      if (stored or {}).get(s, {}).get(k) != want[s][k])
-        raise ConfigError(f"sweep point {p.run_dir} is complete but was run with another config "
-                          f"(differs in {', '.join(diff) or 'its sections'}); use another --out, or delete that "
-                          f"directory to rerun it")
+    want = to_dict(p.cfg)
+    stored = _read_json(p.run_dir / "config.json") or {}
+    diff = sorted(f"{s}.{k}" for s in want for k in want[s] if (stored.get(s) or {}).get(k) != want[s][k])
+    stored_ds = _read_json(p.run_dir / "ds_config.json") or {}
+    ds_config = json.loads(json.dumps(ds_config))  # as written: tuples are lists
+    diff += sorted(f"ZeRO config {k}" for k in set(ds_config) | set(stored_ds) if stored_ds.get(k) != ds_config.get(k))
+    if diff:
+        raise ConfigError(f"sweep point {p.run_dir} is complete but was run with another config (differs in "
+                          f"{', '.join(diff)}); use another --out, or delete that directory to rerun it")
     return "done"
 
 
@@ -266,7 +271,7 @@ def run_sweep(config_path: Optional[str], zero_path: str, grid_specs: list[str],
     states, error = None, None
     if E.is_main():
         try:
-            states = [point_state(p) for p in points]
+            states = [point_state(p, loop.resolve_configs(p.cfg, zero_path, E.world_size())) for p in points]
         except ConfigError as e:
             error = str(e)
     states, error = E.broadcast_object((states, error))
@@ -406,11 +411,12 @@ def write_outputs(summary: dict, out_dir: Path) -> None:
             for r in rows:
                 if all(r["params"][k] == v for k, v in fixed.items()):
                     cell[(r["params"].get(y), r["params"].get(x))] = r
-            gap = [[(cell.get((yv, xv)) or {}).get("forget_gap") for xv in xs] for yv in ys]
-            gap = [[math.nan if v is None else v for v in row] for row in gap]
-            degraded = [[bool((cell.get((yv, xv)) or {}).get("complete")) and cell[(yv, xv)]["retain_degraded"]
-                         for xv in xs] for yv in ys]
-            in_band = [[bool((cell.get((yv, xv)) or {}).get("in_band")) for xv in xs] for yv in ys]
+            grid_of = lambda key: [[(cell.get((yv, xv)) or {}).get(key) for xv in xs] for yv in ys]  # noqa: E731
+            gap = [[math.nan if v is None else v for v in row] for row in grid_of("forget_gap")]
+            done = grid_of("complete")
+            degraded = [[bool(c and d) for c, d in zip(*rows_)] for rows_ in zip(done, grid_of("retain_degraded"))]
+            overshot = [[bool(c and o) for c, o in zip(*rows_)] for rows_ in zip(done, grid_of("overshot"))]
+            in_band = [[bool(v) for v in row] for row in grid_of("in_band")]
             suffix = "".join(f"__{point_name({k: v})}" for k, v in fixed.items())
             fname = f"heatmap_{label.replace(':', '-')}{suffix}.png"
             frac = "–" if rob["robustness"] is None else f"{rob['robustness']:.2f}"
@@ -418,7 +424,7 @@ def write_outputs(summary: dict, out_dir: Path) -> None:
                      f"({rob['in_band']}/{rob['points']} in band)\ntarget: {summary['target']}")
             images.setdefault(label, []).append(plot_sweep_heatmap(
                 [format_value(v) for v in xs], [format_value(v) for v in ys], gap, degraded, in_band,
-                out_dir / "plots" / fname, title=title, x_label=x or "", y_label=y or "",
+                out_dir / "plots" / fname, overshot=overshot, title=title, x_label=x or "", y_label=y or "",
                 limit=limit, band=summary["forget_tol"]))
     loop.write_json_atomic(out_dir / "sweep.json", summary)
     (out_dir / "sweep.md").write_text(render_markdown(summary, x, y, xs, ys, images, out_dir), encoding="utf-8")
@@ -443,7 +449,9 @@ def render_markdown(summary: dict, x, y, xs, ys, images: dict, out_dir: Path) ->
         frac = "incomplete" if r["robustness"] is None else f"{r['robustness']:.2f}"
         lines.append(f"| {label} | {r['in_band']} | {r['points']} | {frac} |")
     lines += ["", "## Forget-loss gap to the target per point (nats)", "",
-              "Cell: gap (forget loss − target); **bold** = in the band; R = retain loss degraded beyond the tolerance.",
+              "Cell: gap (forget loss − target) of the delivered weights; **bold** = in the band; R = retain loss "
+              "degraded beyond the tolerance; O = overshot: the final weights' forget loss is above the band (with the "
+              "stop rule on, the delivered weights are the evaluation closest to the target; step 0 = the original).",
               ""]
     for label in summary["robustness"]:
         rows = [r for r in summary["points"] if r["method"] == label]
@@ -458,22 +466,24 @@ def render_markdown(summary: dict, x, y, xs, ys, images: dict, out_dir: Path) ->
                     r = next(r for r in rows if r["params"].get(x) == xv and r["params"].get(y) == yv)
                     text = _f(r.get("forget_gap"), 2, sign=True) if r["complete"] else "not run"
                     text = f"**{text}**" if r.get("in_band") else text
-                    cells.append(text + (" R" if r["complete"] and r["retain_degraded"] else ""))
+                    flags = "R" * bool(r["complete"] and r["retain_degraded"]) + "O" * bool(r.get("overshot"))
+                    cells.append(text + (f" {flags}" if flags else ""))
                 lines.append(f"| {format_value(yv)} | " + " | ".join(cells) + " |")
             lines.append("")
     keys = list(summary["grid"])
     lines += ["## All points", "",
               "| method | " + " | ".join(keys) + " | steps run | forget | retain | approx. | gap | retain Δ | "
-              "general Δ | in band | stop | verdict |",
-              "|---" * (len(keys) + 11) + "|"]
+              "general Δ | in band | final gap | final retain Δ | stop | verdict |",
+              "|---" * (len(keys) + 13) + "|"]
     for r in summary["points"]:
         params = " | ".join(format_value(r["params"][k]) for k in keys)
         if not r["complete"]:
-            lines.append(f"| {r['method']} | {params} | not run |" + " |" * 10)
+            lines.append(f"| {r['method']} | {params} | not run |" + " |" * 12)
             continue
         lines.append(f"| {r['method']} | {params} | {r['steps']} (exported {r['exported_step']}) | "
                      f"{_f(r['forget_loss'])} | {_f(r['retain_loss'])} | {_f(r['approximate_loss'])} | "
                      f"{_f(r['forget_gap'], sign=True)} | {_f(r['retain_degradation'], sign=True)} | "
                      f"{_f(r['general_degradation'], sign=True)} | {'yes' if r['in_band'] else 'no'} | "
+                     f"{_f(r['final_forget_gap'], sign=True)} | {_f(r['final_retain_degradation'], sign=True)} | "
                      f"{r['stop_reason'] or 'planned steps'} | {r['verdict']} |")
     return "\n".join(lines) + "\n"

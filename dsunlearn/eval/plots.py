@@ -83,10 +83,11 @@ def plot_split_losses_over_steps(history: Sequence[Mapping[str, float]], path,
 
 
 def plot_sweep_heatmap(x_values: Sequence, y_values: Sequence, gap, degraded, in_band, path, *, title: str,
-                       x_label: str, y_label: str, limit: float, band: float) -> Path:
-    """One method's sweep grid: cell colour = forget-loss gap to the target (nats), a black x where the retain loss
-    degraded beyond the tolerance, a green frame where the point is in the target band. ``gap``/``degraded``/
-    ``in_band`` are arrays of shape (len(y_values), len(x_values)); NaN gaps (not run, or non-finite) are grey.
+                       x_label: str, y_label: str, limit: float, band: float, overshot=None) -> Path:
+    """One method's sweep grid: cell colour = forget-loss gap to the target (nats), an x where the retain loss
+    degraded beyond the tolerance, a triangle where the final weights overshot the band (``overshot``), a green frame
+    where the point is in the target band. ``gap``/``degraded``/``in_band``/``overshot`` have shape
+    (len(y_values), len(x_values)); NaN gaps (not run, or non-finite) are grey.
 
     The colour scale is symmetric-log around 0, linear within +-``band`` (the forget tolerance, so the band stays
     pale), and shared by every heatmap of a sweep (``limit``) so methods compare by eye: red = forget loss above the
@@ -101,7 +102,7 @@ def plot_sweep_heatmap(x_values: Sequence, y_values: Sequence, gap, degraded, in
     cmap = colormaps["RdBu_r"].with_extremes(bad="#bbbbbb")
     limit = max(float(limit), 5 * band)
     norm = SymLogNorm(linthresh=band, linscale=0.5, vmin=-limit, vmax=limit, base=10)
-    fig = Figure(figsize=(1.4 * len(x_values) + 3.2, 0.9 * len(y_values) + 2.2), layout="constrained")
+    fig = Figure(figsize=(max(1.4 * len(x_values) + 2.4, 5.2), 0.9 * len(y_values) + 2.4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(gap), cmap=cmap, norm=norm, origin="lower", aspect="auto")
@@ -114,13 +115,15 @@ def plot_sweep_heatmap(x_values: Sequence, y_values: Sequence, gap, degraded, in
                     fontsize=9, color=colour)
             if degraded[i][j]:
                 ax.plot(j, i - 0.12, marker="x", markersize=11, markeredgewidth=2.2, color=colour)
+            if overshot is not None and overshot[i][j]:
+                ax.plot(j + 0.3, i + 0.3, marker="^", markersize=8, color=colour)
             if in_band[i][j]:
                 ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="#1a9641", linewidth=3))
     ax.set_xticks(range(len(x_values)), [str(v) for v in x_values])
     ax.set_yticks(range(len(y_values)), [str(v) for v in y_values])
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(f"{title}\nx: retain degraded   ^: final weights overshot   green frame: in band", fontsize=8)
     bar = fig.colorbar(image, ax=ax, label="forget loss − target (nats)")
     ticks = sorted({0.0, band, -band, limit, -limit, *(t for t in (1.0, -1.0, 10.0, -10.0) if abs(t) < limit)})
     bar.set_ticks(ticks)
