@@ -1,7 +1,7 @@
 """Fused single-forward unlearning step vs the two-pass step, under ZeRO-3: bytes communicated, seconds, memory.
 
     # the sweep: GA+GD at 3 sizes (2.9M/7.3M/20.8M) x 2 lengths (128/512), GA+KL engine vs cache at the two smaller
-    # sizes and T=128; 2 CPU ranks, ~8.5 min on the 2-core machines (benchmarks/RESULTS_fused.md)
+    # sizes and T=128; 2 CPU ranks, ~8.5 min on the 2-core machines (benchmarks/RESULTS.md, section 2)
     DS_ACCELERATOR=cpu GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$PWD/.torch_extensions \\
       deepspeed --num_gpus 2 --master_port 29631 benchmarks/bench_fused.py --json .cache/bench_fused/main.json
     # the 7B regime: ZeRO-3's live-parameter budget at 0.15 x the model, as ds_configs/zero3.json gives a 6.7B model

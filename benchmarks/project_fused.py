@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsunlearn.cost import ModelShape, Pass, step_flops  # noqa: E402
 
-# Measured 2026-11-25 (benchmarks/RESULTS_fused.md, run "live 0.15"): largest model's value, the trend grows with size.
+# Measured 2026-11-25 (benchmarks/RESULTS.md, section 2, run "live 0.15"): largest model's value, the trend grows with size.
 COPIES = {"fused": {"all_gather": 1.80, "reduce_scatter": 1.00},
           "two_pass": {"all_gather": 3.80, "reduce_scatter": 1.00}}
 LLAMA2_7B = ModelShape(num_params=6_738_415_616, num_embedding_params=2 * 32000 * 4096, num_layers=32,
