@@ -299,21 +299,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_json_object(path: str, what: str) -> dict:
+    """A JSON file whose top level is an object, or a one-line ConfigError naming the file and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
 def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
     """Read the run-config JSON (or start from defaults when ``path`` is None), apply overrides, validate."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: run config not found")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not UTF-8 text") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object at the top level")
+    data = read_json_object(path, "run config") if path else {}
     data = apply_overrides(data, list(overrides))
     cfg = from_dict(RunConfig, data, where=path or "config")
     validate(cfg)

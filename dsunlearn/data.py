@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +29,15 @@ from .methods.terms import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".tex", ".rst")
+
+
+def sha256_file(path) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks (checkpoints can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

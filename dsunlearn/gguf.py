@@ -12,7 +12,6 @@ directory for ``model.path``: not for the CPU demo (a 512-token forward takes se
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
+from .data import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def import_gguf(out_dir: str, gguf_path: Optional[str] = None, overwrite: bool =
     tokenizer.save_pretrained(str(out))
     timings["save_s"] = round(time.perf_counter() - t1, 1)
 
-    info = {"source": str(src), "sha256": _sha256(src), "class": type(model).__name__,
+    info = {"source": str(src), "sha256": sha256_file(src), "class": type(model).__name__,
             "num_parameters": sum(p.numel() for p in model.parameters()), "dtype": "float32",
             "vocab_size": config.vocab_size, "tokenizer_size": len(tokenizer), **timings}
     (out / "gguf_import.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -102,9 +102,3 @@ def import_gguf(out_dir: str, gguf_path: Optional[str] = None, overwrite: bool =
     return info
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

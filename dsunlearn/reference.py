@@ -39,6 +39,7 @@ import torch
 
 from . import engine as E
 from .config import ConfigError, RunConfig
+from .data import sha256_file
 from .data import collate, shard_indices
 from .methods.base import ReferenceOutputs
 from .methods.terms import (IGNORE_INDEX, adversarial_targets, reference_distribution, sequence_logprob,
@@ -62,11 +63,7 @@ def _file_digest(path: Path, memo: dict) -> str:
     hit = memo.get(key)
     if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
         return hit[2]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-    memo[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    memo[key] = [st.st_size, st.st_mtime_ns, sha256_file(path)]
     return memo[key][2]
 
 

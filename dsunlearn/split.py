@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import ConfigError
-from .data import _check_jsonl, load_records
+from .data import _check_jsonl, load_records, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +99,14 @@ def read_records(path: str, text_field: str = "text") -> list[dict]:
     return records
 
 
-def source_sha256(path: str) -> str:
+def sourcesha256_file(path: str) -> str:
     """sha256 of a file, or of a folder's (relative path, file sha256) list."""
     p = Path(path)
     if p.is_file():
-        return _sha256(p)
+        return sha256_file(p)
     h = hashlib.sha256()
     for f in sorted(x for x in p.rglob("*") if x.is_file()):
-        h.update(f"{f.relative_to(p).as_posix()}\0{_sha256(f)}\n".encode())
+        h.update(f"{f.relative_to(p).as_posix()}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -363,20 +363,20 @@ def split_corpus(input_path: str, out_dir: str, settings: SplitSettings, *, forg
         path = out / f"{name}.jsonl"
         if name in sets:
             write_jsonl(path, sets[name])
-            entries[name]["sha256"] = _sha256(path)
+            entries[name]["sha256"] = sha256_file(path)
         elif path.exists():  # a stale general set from an earlier split would contradict the manifest
             path.unlink()
     manifest = {
-        "source": {"path": str(input_path), "sha256": source_sha256(input_path), "num_documents": len(records)},
+        "source": {"path": str(input_path), "sha256": sourcesha256_file(input_path), "num_documents": len(records)},
         "settings": asdict(settings),
         "sets": entries,
         "num_unused": len(index["unused"]),
     }
     if forget_ids_path:
-        manifest["settings"]["forget_ids"] = {"path": str(forget_ids_path), "sha256": _sha256(Path(forget_ids_path)),
+        manifest["settings"]["forget_ids"] = {"path": str(forget_ids_path), "sha256": sha256_file(Path(forget_ids_path)),
                                               "num_ids": len(forget_ids)}
     if general_path:
-        manifest["settings"]["general"] = {"path": str(general_path), "sha256": source_sha256(general_path)}
+        manifest["settings"]["general"] = {"path": str(general_path), "sha256": sourcesha256_file(general_path)}
     if tokenizer_dir:
         manifest["settings"]["tokenizer"] = {"path": str(tokenizer_dir), "seq_len": seq_len,
                                              "min_chunk_tokens": min_chunk_tokens, "add_eos": add_eos}
@@ -384,14 +384,6 @@ def split_corpus(input_path: str, out_dir: str, settings: SplitSettings, *, forg
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, out / "manifest.json")
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, read_json_object
 
 # Keys the run config derives: ZeRO JSON key -> where it comes from (for messages).
 DERIVED_KEYS = {
@@ -28,18 +27,7 @@ OWNED_SECTIONS = {
 
 
 def load_zero_json(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: ZeRO config not found")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
-    return data
+    return read_json_object(path, "ZeRO config")
 
 
 def zero_stage(ds_config: dict) -> int:

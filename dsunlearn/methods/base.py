@@ -64,3 +64,30 @@ class Method(Protocol):
     def terms(self, outputs: dict[str, StreamOutputs]) -> dict[str, torch.Tensor]:
         """Named scalar loss terms; the loop weighs and sums them, then backpropagates once."""
         ...
+
+
+class OptionalRetainNLL:
+    """Shared by the NPO family: ``beta`` must be positive and ``retain_loss`` ("none" | "nll") adds a plain
+    NLL(retain) term (the papers' regularised variants). Subclasses are frozen dataclasses with those two fields."""
+
+    def __post_init__(self):
+        from ..config import ConfigError
+        if self.beta <= 0:
+            raise ConfigError("method.params.beta: expected > 0")
+        if self.retain_loss not in ("none", "nll"):
+            raise ConfigError(f"method.params.retain_loss: expected 'none' or 'nll', got {self.retain_loss!r}")
+
+    @property
+    def streams(self):
+        return ("forget", "retain") if self.retain_loss == "nll" else ("forget",)
+
+    @property
+    def term_names(self):
+        return self.streams
+
+    def with_retain(self, outputs, terms: dict) -> dict:
+        if self.retain_loss == "nll":
+            from .terms import token_nll
+            retain = outputs["retain"]
+            terms["retain"] = token_nll(retain.logits, retain.labels)
+        return terms

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import ConfigError
-from .terms import npo_loss, sequence_logprob, token_nll
+from .base import OptionalRetainNLL
+from .terms import npo_loss, sequence_logprob
 
 
 @dataclass(frozen=True, kw_only=True)
-class NPO:
+class NPO(OptionalRetainNLL):
     beta: float = 0.1
     """Inverse temperature (paper: 0.1 on TOFU). As beta -> 0 NPO becomes GA."""
     retain_loss: str = "none"
@@ -28,25 +28,8 @@ class NPO:
     needs_hidden_states: ClassVar = False
     citation: ClassVar = "Zhang et al. 2024 (arXiv:2404.05868)"
 
-    def __post_init__(self):
-        if self.beta <= 0:
-            raise ConfigError("method.params.beta: expected > 0")
-        if self.retain_loss not in ("none", "nll"):
-            raise ConfigError(f"method.params.retain_loss: expected 'none' or 'nll', got {self.retain_loss!r}")
-
-    @property
-    def streams(self):
-        return ("forget", "retain") if self.retain_loss == "nll" else ("forget",)
-
-    @property
-    def term_names(self):
-        return self.streams
-
     def terms(self, outputs):
         forget = outputs["forget"]
         out = {"forget": npo_loss(sequence_logprob(forget.logits, forget.labels), forget.reference.seq_logprob,
                                   self.beta)}
-        if self.retain_loss == "nll":
-            retain = outputs["retain"]
-            out["retain"] = token_nll(retain.logits, retain.labels)
-        return out
+        return self.with_retain(outputs, out)

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import ConfigError
-from .terms import simnpo_loss, token_nll
+from .base import OptionalRetainNLL
+from .terms import simnpo_loss
 
 
 @dataclass(frozen=True, kw_only=True)
-class SimNPO:
+class SimNPO(OptionalRetainNLL):
     beta: float = 0.7
     """Inverse temperature on the length-normalised log-likelihood (paper, MUSE-Books: 0.7)."""
     gamma: float = 0.0
@@ -32,24 +32,7 @@ class SimNPO:
     needs_hidden_states: ClassVar = False
     citation: ClassVar = "Fan et al. 2024 (arXiv:2410.07163)"
 
-    def __post_init__(self):
-        if self.beta <= 0:
-            raise ConfigError("method.params.beta: expected > 0")
-        if self.retain_loss not in ("none", "nll"):
-            raise ConfigError(f"method.params.retain_loss: expected 'none' or 'nll', got {self.retain_loss!r}")
-
-    @property
-    def streams(self):
-        return ("forget", "retain") if self.retain_loss == "nll" else ("forget",)
-
-    @property
-    def term_names(self):
-        return self.streams
-
     def terms(self, outputs):
         forget = outputs["forget"]
         out = {"forget": simnpo_loss(forget.logits, forget.labels, self.beta, self.gamma)}
-        if self.retain_loss == "nll":
-            retain = outputs["retain"]
-            out["retain"] = token_nll(retain.logits, retain.labels)
-        return out
+        return self.with_retain(outputs, out)
