@@ -332,3 +332,39 @@ def forget_zero3_release_decisions() -> None:
                 cell.cell_contents.cache_clear()
     except (ImportError, AttributeError, ValueError):
         pass
+
+
+def release_engines() -> int:
+    """Free every DeepSpeed engine of this process (weight shards, optimizer states) once no engine is in use, e.g.
+    between the runs of ``dsunlearn sweep``. Returns how many engines are still alive afterwards (0 expected).
+
+    Dropping the last reference is not enough in DeepSpeed 0.19.8 (found by walking the object graph): the gradient
+    hooks ZeRO-3 registers on parameters are held in C++, invisible to the garbage collector, and close over the
+    optimizer (only ``engine.destroy()`` removes them); the ``__params_to_release`` memo (see
+    ``forget_zero3_release_decisions``) keys on the coordinator and the model; and every engine's root module is pushed
+    onto the module-global ``parameter_offload.FWD_MODULE_STACK`` at setup and never popped (empty between forwards
+    otherwise). Measured without this: +1 live engine per ga run, +2 per ga_kl run (trained + reference) in one process.
+    """
+    import gc
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    def live() -> list:
+        # type(o), not isinstance: isinstance reads o.__class__, which some lazy module proxies answer with warnings.
+        return [o for o in gc.get_objects() if issubclass(type(o), DeepSpeedEngine)]
+
+    gc.collect()
+    engines = live()
+    while engines:
+        try:
+            engines.pop().destroy()
+        except Exception as e:  # noqa: BLE001 - a failed release costs memory, not the caller's work
+            log.warning("DeepSpeedEngine.destroy() failed: %s", e)
+    forget_zero3_release_decisions()
+    with contextlib.suppress(ImportError, AttributeError):
+        from deepspeed.runtime.zero import parameter_offload
+        parameter_offload.FWD_MODULE_STACK.clear()
+    gc.collect()
+    with contextlib.suppress(Exception):  # accelerators without a cache (CPU)
+        from deepspeed.accelerator import get_accelerator
+        get_accelerator().empty_cache()
+    return len(live())

@@ -6,11 +6,12 @@
 
 Each point is the run config plus the method and the point's values, run through ``loop.unlearn`` with the run
 config's evaluation and stop rule, in its own run directory ``OUT/<method>/<point>/``. Points run one after another in
-ONE process: the process group is created once, and imports and setup (~15 s per launch on CPU) are paid once.
+ONE process: the process group is created once, and imports and setup (~15 s per launch on CPU) are paid once;
+``engine.release_engines`` frees each point's engines before the next one.
 
-Resumable: a point whose run directory holds ``summary.json`` and ``metrics.json`` is complete and never rerun (unless
-its ``config.json`` differs from what the point would run now: that is an error, never a silent mix); any other
-point is (re)run from scratch. Rerunning the same command after a crash finishes the sweep.
+Resumable: a point whose run directory holds ``summary.json`` and ``metrics.json`` is complete and never rerun (if
+its run config or resolved ZeRO config differs from what the point would run now, that is an error, never a silent
+mix); any other point is (re)run from scratch. Rerunning the same command after a crash finishes the sweep.
 
 Target band (one point): the forget loss within ``forget_tol`` of the target, AND the retain loss at most
 ``retain_tol`` above the original model's. The target is the exactly retrained model's forget loss when
@@ -25,8 +26,6 @@ Outputs: ``OUT/sweep.json`` (every point's figures), ``OUT/sweep.md`` (tables), 
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
 import json
 import logging
@@ -105,13 +104,13 @@ def parse_methods(text: str) -> list[tuple[str, Optional[str]]]:
 
 
 def format_value(value) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
+    """Shortest exact text of a grid value (``1e-05``, ``0.0003``, ``20``, ``general``)."""
     return value if isinstance(value, str) else json.dumps(value)
 
 
 def point_name(params: dict) -> str:
-    """``{"train.lr": 1e-05, "train.num_steps": 20}`` -> ``lr=1e-05_num_steps=20`` (full keys where short ones clash)."""
+    """``{"train.lr": 1e-05, "train.num_steps": 20}`` -> ``lr=1e-05_num_steps=20`` (full keys where short ones
+    clash)."""
     short = [k.rsplit(".", 1)[-1] for k in params]
     names = [s if short.count(s) == 1 else k for s, k in zip(short, params)]
     text = "_".join(f"{n}={format_value(v)}" for n, v in zip(names, params.values()))
@@ -133,15 +132,20 @@ def plan(config_path: Optional[str], overrides: list[str], grid: list[GridAxis],
             method_overrides += ["method.weights={}", "method.params={}"]
         streams = build_method(MethodConfig(name=name)).streams
         if source and "retain" not in streams:
-            raise ConfigError(f"--methods {name}:{source}: {name} has no retain stream, the suffix would change nothing")
+            raise ConfigError(f"--methods {name}:{source}: {name} has no retain stream, the suffix would change "
+                              f"nothing")
         retain_source = source or base.data.retain_source
         label = f"{name}:general" if "retain" in streams and retain_source == "general" else name
         if label in labels:
             raise ConfigError(f"--methods: {label} given twice")
         labels.add(label)
+        names = set()
         for values in itertools.product(*(axis.values for axis in grid)):
             params = {axis.key: v for axis, v in zip(grid, values)}
             pname = point_name(params)
+            if pname in names:
+                raise ConfigError(f"--grid: two points would share the directory name {pname!r}")
+            names.add(pname)
             run_dir = Path(out_dir) / label.replace(":", "-") / pname
             point_overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in params.items()]
             cfg = load_run_config(config_path, list(overrides) + method_overrides +
@@ -202,61 +206,6 @@ def point_state(p: Point, ds_config: dict) -> str:
     return "done"
 
 
-def _clear_lru_caches(fn, depth: int = 0) -> None:
-    """``cache_clear()`` every ``functools.lru_cache`` found under ``fn`` (through decorators' ``__wrapped__``/closures)."""
-    if hasattr(fn, "cache_clear"):
-        fn.cache_clear()
-        return
-    inner = [getattr(fn, "__wrapped__", None)]
-    for cell in getattr(fn, "__closure__", None) or ():
-        with contextlib.suppress(ValueError):  # an empty cell
-            inner.append(cell.cell_contents)
-    for f in inner:
-        if callable(f) and depth < 4:
-            _clear_lru_caches(f, depth + 1)
-
-
-def release_engines() -> int:
-    """Between points: let the previous point's engines (weight shards, optimizer states) be freed. Returns how many
-    DeepSpeed engines are still alive afterwards (0 expected).
-
-    ``unlearn`` drops its engines when it returns, but DeepSpeed 0.19.x keeps every ZeRO-3 engine a process built
-    alive (found by walking the object graph): the gradient hooks ZeRO-3 registers on parameters are held in C++,
-    invisible to the garbage collector, and close over the optimizer (only ``engine.destroy()`` removes them);
-    ``PartitionedParameterCoordinator.__params_to_release`` is a method under ``functools.lru_cache`` whose cache keys
-    hold the coordinator and the model (and through its forward hooks the engine); and every engine's root module is
-    pushed onto the module-global ``parameter_offload.FWD_MODULE_STACK`` at setup and never popped. Measured without this: +1 live engine per ga point, +2 per ga_kl
-    point (trained + reference engine). No engine is in use between points, so every live one is destroyed and both
-    globals are emptied (the cache only saves recomputation; the stack is empty between forwards).
-    """
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    gc.collect()
-    engines = _live_engines(DeepSpeedEngine)
-    while engines:
-        try:
-            engines.pop().destroy()
-        except Exception as e:  # noqa: BLE001 - a failed release costs memory, not the sweep
-            log.warning("sweep: DeepSpeedEngine.destroy() failed: %s", e)
-    with contextlib.suppress(ImportError, AttributeError):
-        from deepspeed.runtime.zero import partitioned_param_coordinator
-        for attr in vars(partitioned_param_coordinator.PartitionedParameterCoordinator).values():
-            if callable(attr):
-                _clear_lru_caches(attr)
-    with contextlib.suppress(ImportError, AttributeError):
-        from deepspeed.runtime.zero import parameter_offload
-        parameter_offload.FWD_MODULE_STACK.clear()
-    gc.collect()
-    with contextlib.suppress(Exception):  # CPU accelerators without a cache
-        from deepspeed.accelerator import get_accelerator
-        get_accelerator().empty_cache()
-    return len(_live_engines(DeepSpeedEngine))
-
-
-def _live_engines(cls) -> list:
-    # type(o), not isinstance: isinstance reads o.__class__, which lazy proxies among all objects answer noisily.
-    return [o for o in gc.get_objects() if issubclass(type(o), cls)]
-
-
 def run_sweep(config_path: Optional[str], zero_path: str, grid_specs: list[str], methods_spec: str, out_dir: str,
               overrides: list[str] = (), forget_tol: float = 0.1, retain_tol: float = 0.1,
               command: str = "") -> Optional[dict]:
@@ -287,7 +236,7 @@ def run_sweep(config_path: Optional[str], zero_path: str, grid_specs: list[str],
             log.info("sweep point %d/%d: %s %s", i + 1, len(todo), p.label, p.name)
         # The point's exit code (3 = diverged, stopped by the guard) is part of its result, not a sweep failure.
         loop.unlearn(p.cfg, zero_path, overwrite=True)
-        alive = release_engines()
+        alive = E.release_engines()
         if alive and E.is_main():
             log.warning("sweep: %d DeepSpeed engine(s) of finished points are still alive (memory grows per point)",
                         alive)
