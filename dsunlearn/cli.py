@@ -318,7 +318,10 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["demo"]:  # argparse.REMAINDER drops a first argument that starts with "--": hand over whole
+        args = argparse.Namespace(command="demo", demo_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     _setup_logging()
     try:
         return COMMANDS[args.command](args)
