@@ -1,7 +1,7 @@
 """Command line: ``dsunlearn <command>`` or ``python -m dsunlearn <command>``.
 
     python -m dsunlearn unlearn --config run.json --zero ds_configs/zero3.json [--set train.lr=1e-5] [--dry-run]
-    deepspeed --num_gpus 8 -m dsunlearn unlearn --config run.json --zero ds_configs/zero3.json
+    deepspeed --num_gpus 8 --module dsunlearn unlearn --config run.json --zero ds_configs/zero3.json
     torchrun --nproc_per_node 2 -m dsunlearn unlearn ...
 
 A mistake the user can fix (bad config, bad data, a non-empty run dir) prints one line and exits with code 2.

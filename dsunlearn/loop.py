@@ -5,7 +5,7 @@ forward, each stream gets its slice of the logits, the method returns named loss
 and calls ``engine.backward`` once and ``engine.step`` once. Under ZeRO-3 every forward is a full parameter
 all-gather, and DeepSpeed 0.19 refuses a second forward before a backward when timers are on.
 
-    deepspeed --num_gpus 8 -m dsunlearn unlearn --config run.json --zero ds_configs/zero3.json
+    deepspeed --num_gpus 8 --module dsunlearn unlearn --config run.json --zero ds_configs/zero3.json
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ from .zero import load_zero_json, resolve
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_DIVERGED = 0, 3
-RUN_FILES = ("config.json", "ds_config.json", "log.jsonl")
 
 
 @dataclass
@@ -56,7 +55,6 @@ class Stream:
 @dataclass
 class RunState:
     step: int = 0
-    history: list = field(default_factory=list)
     stop_reason: Optional[str] = None
     tokens: int = 0         # real (non-pad) tokens trained on in this process
     seconds: float = 0.0    # wall time of those optimizer steps

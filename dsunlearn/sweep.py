@@ -2,7 +2,7 @@
 
     python -m dsunlearn sweep --config run.json --zero ds_configs/zero3.json \\
         --grid train.lr=1e-5,2e-5,5e-5 --grid train.num_steps=20,40 --methods ga,ga_gd,ga_gd:general
-    deepspeed --num_gpus 8 -m dsunlearn sweep ...          (every rank iterates the same points)
+    deepspeed --num_gpus 8 --module dsunlearn sweep ...          (every rank iterates the same points)
 
 Each point is the run config plus the method and the point's values, run through ``loop.unlearn`` with the run
 config's evaluation and stop rule, in its own run directory ``OUT/<method>/<point>/``. Points run one after another in
