@@ -16,6 +16,8 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+# Launchers the tests start (deepspeed, mpirun.sh's python) come from the venv even when it is not activated.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install mpi demo test test-unit test-dist clean
 

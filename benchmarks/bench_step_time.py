@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--global-batch", type=int, default=8)
     args = ap.parse_args()
-    from helpers import CPU_ZERO3, free_port, run_cli, write_run_config
+    from helpers import CPU_ZERO3, free_port, run_cli, write_run_config, deepspeed_launcher
     from dsunlearn.toy import build_toy_world
     import torch
     import deepspeed
@@ -42,7 +42,7 @@ def main() -> None:
         cfg = write_run_config(root / f"r{ranks}.json", world, root / f"r{ranks}",
                                data={"seq_len": args.seq_len, "approximate": None, "general": None},
                                train={"micro_batch_size": args.global_batch // ranks, "num_steps": args.steps})
-        launcher = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())]
+        launcher = deepspeed_launcher(ranks)
         p = run_cli(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3], launcher=launcher, timeout=1200)
         assert p.returncode == 0, p.stderr[-2000:]
         log = [json.loads(l) for l in (root / f"r{ranks}" / "log.jsonl").read_text().splitlines()][5:]

@@ -18,6 +18,9 @@ def launch_env() -> dict:
     env.update(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
                TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    # The launchers (deepspeed, mpirun.sh's python) must come from this interpreter's environment even when it
+    # was not activated (make and CI call .venv/bin/python directly).
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
@@ -50,3 +53,9 @@ def write_run_config(path: Path, world: dict, run_dir: Path, **sections) -> Path
     return path
 
 
+
+
+def deepspeed_launcher(num_gpus: int = 2) -> list[str]:
+    """The deepspeed launcher of this interpreter's environment, on a free port."""
+    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(num_gpus),
+            "--master_port", str(free_port())]

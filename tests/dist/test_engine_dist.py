@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CPU_ZERO3, REPO, free_port, launch_env, run_cli, write_run_config
+from helpers import CPU_ZERO3, REPO, free_port, launch_env, run_cli, write_run_config, deepspeed_launcher
 
 NUM_STEPS = 6
 
@@ -55,7 +55,7 @@ def runs(toy_world, tmp_path_factory):
     two = write_run_config(root / "two.json", toy_world, root / "two",
                            train={"micro_batch_size": 2, "num_steps": NUM_STEPS, "lr": 5e-3})
     p = run_cli(["unlearn", "--config", str(two), "--zero", CPU_ZERO3],
-                launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
+                launcher=deepspeed_launcher(2))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     out["two"] = root / "two"
     out["two_config"] = two

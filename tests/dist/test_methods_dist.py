@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CPU_ZERO3, REPO, free_port, launch_env, write_run_config
+from helpers import CPU_ZERO3, REPO, free_port, launch_env, write_run_config, deepspeed_launcher
 
 NUM_STEPS = 2
 RMU = {"layer": 1, "trainable_params": r"model\.layers\.(0|1)\.mlp\.down_proj\.weight"}
@@ -45,7 +45,7 @@ def runs(toy_world, tmp_path_factory):
                                           "warmup_ratio": 0.0},
                     "eval": {"splits": []}, "output": {"run_dir": str(root / "runs" / name), "save_model": False}}
         configs.append(str(write_run_config(root / f"{name}.json", toy_world, root / "runs" / name, **sections)))
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+    cmd = deepspeed_launcher(2) + [
            str(REPO / "tests" / "dist" / "multi_unlearn.py"), "--zero", CPU_ZERO3, *configs]
     p = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-4000:]

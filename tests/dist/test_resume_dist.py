@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CPU_ZERO3, REPO, free_port, launch_env, run_cli, write_run_config
+from helpers import CPU_ZERO3, REPO, free_port, launch_env, run_cli, write_run_config, deepspeed_launcher
 
 NUM_STEPS = 30
 
@@ -22,7 +22,7 @@ def _weights(run_dir: Path) -> dict:
 
 
 def _launcher():
-    return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+    return deepspeed_launcher(2)
 
 
 def test_sigkill_then_resume_equals_uninterrupted(toy_world, tmp_path):

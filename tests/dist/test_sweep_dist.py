@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from dsunlearn.cli import main
-from helpers import CPU_ZERO3, free_port, run_cli, write_run_config
+from helpers import CPU_ZERO3, free_port, run_cli, write_run_config, deepspeed_launcher
 
 
 def test_two_rank_sweep_runs_every_point_once_and_resumes(toy_world, tmp_path, capsys):
@@ -15,7 +15,7 @@ def test_two_rank_sweep_runs_every_point_once_and_resumes(toy_world, tmp_path, c
     out = tmp_path / "sweep"
     args = ["sweep", "--config", str(cfg), "--zero", CPU_ZERO3, "--grid", "train.lr=1e-3", "--grid",
             "train.num_steps=1,2", "--methods", "ga_kl", "--out", str(out)]
-    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+    launcher = deepspeed_launcher(2)
     p = run_cli(args, launcher=launcher)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "engine(s) of finished points are still alive" not in p.stderr
@@ -25,7 +25,7 @@ def test_two_rank_sweep_runs_every_point_once_and_resumes(toy_world, tmp_path, c
         assert json.loads((tmp_path / r["run_dir"] / "ds_config.json").read_text())["train_batch_size"] == 2 * 2
     mtimes = [(tmp_path / r["run_dir"] / "summary.json").stat().st_mtime_ns for r in summary["points"]]
 
-    p = run_cli(args, launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
+    p = run_cli(args, launcher=deepspeed_launcher(2))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 points, 2 complete, 0 to run" in p.stderr
     assert [(tmp_path / r["run_dir"] / "summary.json").stat().st_mtime_ns for r in summary["points"]] == mtimes

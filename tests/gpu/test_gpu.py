@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, free_port, launch_env, write_run_config
+from helpers import REPO, free_port, launch_env, write_run_config, deepspeed_launcher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -21,7 +21,7 @@ def _gpu_env():
 
 def _run(cfg, zero, tmp_path):
     import subprocess
-    p = subprocess.run(["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), "--module", "dsunlearn",
+    p = subprocess.run(deepspeed_launcher(1) + ["--module", "dsunlearn",
                         "unlearn", "--config", str(cfg), "--zero", str(zero)],
                        env=_gpu_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
