@@ -40,6 +40,9 @@ mpi: install
 	  $(PIP) install -q -c .ci/constraints.txt mpi4py || echo "note: mpi4py did not build; MPI-discovery route untested"; fi
 
 demo: install
+	@# apt-get download needs package lists; a fresh Debian machine has none until the first update.
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; \
+	  then apt-get update -qq || true; fi
 	$(PY) -m dsunlearn demo
 
 test: mpi

@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..config import load_run_config
+from ..config import ConfigError, load_run_config
 from .pretrain_pair import PRETRAINED_DIR, ensure_world, world_dir
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,11 @@ def main(argv=None) -> int:
     from .. import engine as E
     from ..loop import unlearn
     _setup_logging()
-    manifest = ensure_world(args.cache_dir)
+    from .sources import FetchError
+    try:
+        manifest = ensure_world(args.cache_dir)
+    except FetchError as e:  # no apt, no package lists, no network: say how to fetch by hand, exit 2
+        raise ConfigError(str(e)) from None
     warnings = check_pair(manifest, PRETRAINED_DIR)
     for w in warnings:
         log.warning(w)
