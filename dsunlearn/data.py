@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,7 +232,13 @@ class StreamSampler:
         return self._chunk_at(np.arange(start, start + self.per_rank, dtype=np.int64)).tolist()
 
 
-def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
-    """Evaluation sharding: rank r takes items r, r+W, r+2W, ... (every item exactly once over all ranks)."""
-    return list(range(rank, num_items, world_size))
+def rank_batches(num_items: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """No-grad passes over a whole set (evaluation, theta_0 caches): rank r takes items r, r+W, r+2W, ... in batches.
+
+    Every rank gets the SAME number of batches (under ZeRO-3 each forward is collective); a rank's last batches may be
+    short or empty, and the caller pads them with a repeated item whose result it drops.
+    """
+    mine = list(range(rank, num_items, world_size))
+    num_batches = math.ceil(math.ceil(num_items / world_size) / batch_size)
+    return [mine[b * batch_size:(b + 1) * batch_size] for b in range(num_batches)]
 

@@ -40,7 +40,7 @@ import torch
 from . import engine as E
 from .config import ConfigError, RunConfig
 from .data import sha256_file
-from .data import collate, shard_indices
+from .data import collate, rank_batches
 from .methods.base import ReferenceOutputs
 from .methods.terms import (IGNORE_INDEX, adversarial_targets, reference_distribution, sequence_logprob,
                             shift_for_next_token)
@@ -283,14 +283,10 @@ def theta0_pass(engine, stream, batch_size: int, seq_len: int, pad_id: int, outp
     Under ZeRO-3 every forward is collective, so every rank runs the same number of forwards (a rank that has run out
     of chunks repeats chunk 0 and drops the result).
     """
-    rank, world = E.rank(), E.world_size()
-    mine = shard_indices(stream.stats.num_chunks, rank, world)
-    num_batches = math.ceil(math.ceil(stream.stats.num_chunks / world) / batch_size)
     was_training = engine.training
     engine.eval()
     try:
-        for b in range(num_batches):
-            rows = mine[b * batch_size:(b + 1) * batch_size]
+        for rows in rank_batches(stream.stats.num_chunks, batch_size, E.rank(), E.world_size()):
             batch = collate(stream.chunks[rows or [0]]["input_ids"], seq_len, pad_id)
             with torch.no_grad():
                 out = E.forward(engine, batch, output_hidden_states=output_hidden_states)

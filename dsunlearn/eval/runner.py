@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,7 +19,7 @@ import torch
 
 from .. import engine as E
 from ..config import RunConfig
-from ..data import collate, shard_indices
+from ..data import collate, rank_batches
 from .metrics import chunk_stats, concat_stats, split_metrics
 from .mia import attack_report
 
@@ -59,22 +58,18 @@ def load_eval_splits(cfg: RunConfig, tokenizer) -> dict[str, EvalSplit]:
 def score_split(model_engine, split: EvalSplit, seq_len: int, pad_id: int, micro_batch: int,
                 ref_nll: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Per-chunk stats for the whole split, identical on every rank, in the split's chunk order."""
-    world, rank = E.world_size(), E.rank()
-    mine = shard_indices(len(split.input_ids), rank, world)
-    num_batches = math.ceil(math.ceil(len(split.input_ids) / world) / micro_batch)
+    batches = rank_batches(len(split.input_ids), micro_batch, E.rank(), E.world_size())
+    mine = [i for rows in batches for i in rows]
     parts = []
-    for b in range(num_batches):
-        idx = mine[b * micro_batch:(b + 1) * micro_batch]
-        real = len(idx)
-        if real < micro_batch:  # keep every rank's forward count equal (ZeRO-3 gathers are collective)
-            idx = idx + [mine[-1] if mine else 0] * (micro_batch - real)
+    for rows in batches:
+        real = len(rows)
+        idx = rows + [mine[-1] if mine else 0] * (micro_batch - real)  # full batches: the shapes stay fixed
         batch = collate([split.input_ids[i] for i in idx], seq_len, pad_id)
         logits = E.forward(model_engine, batch).logits
         stats = chunk_stats(logits, batch["labels"].to(logits.device), texts=[split.texts[i] for i in idx],
                             ref_nll=None if ref_nll is None else ref_nll[idx])
         parts.append({k: v[:real].cpu() for k, v in stats.items()})
-    local = concat_stats([p for p in parts if next(iter(p.values())).numel()]) if any(
-        next(iter(p.values())).numel() for p in parts) else {}
+    local = concat_stats(parts) if mine else {}
     gathered = E.all_gather_objects((mine, local))
     order, pieces = [], []
     for indices, stats in gathered:
