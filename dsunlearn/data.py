@@ -41,6 +41,21 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def write_text_atomic(path, text: str) -> None:
+    """Write a text file so that readers see the old or the new content, never half of it (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path, data, **dump_kwargs) -> None:
+    """``write_text_atomic`` of ``json.dumps(data, indent=2, **dump_kwargs)`` plus a final newline."""
+    write_text_atomic(path, json.dumps(data, indent=2, **dump_kwargs) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading documents
 

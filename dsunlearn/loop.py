@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ import torch
 from . import engine as E
 from . import reference as R
 from .config import ConfigError, RunConfig, to_dict
-from .data import StreamSampler, collate, load_documents, tokenize_and_chunk
+from .data import (StreamSampler, collate, load_documents, tokenize_and_chunk, write_json_atomic,
+                   write_text_atomic)
 from .methods import build_method, select_trainable, term_weights
 from .methods.base import StreamOutputs
 from .methods.terms import chunk_nll
@@ -99,12 +99,6 @@ def prepare_run_dir(run_dir: str, overwrite: bool, resume: bool) -> None:
                               f"--resume {run_dir} to continue it")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def resolve_configs(cfg: RunConfig, zero_path: str, world_size: int) -> dict:
@@ -241,9 +235,7 @@ def truncate_log(path: Path, step: int) -> None:
     """On resume: drop log lines of steps after the checkpoint (they are run again)."""
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def restore_last_good(engine, run_dir: str, state: RunState) -> bool:

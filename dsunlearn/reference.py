@@ -40,7 +40,7 @@ import torch
 from . import engine as E
 from .config import ConfigError, RunConfig
 from .data import sha256_file
-from .data import collate, rank_batches
+from .data import collate, rank_batches, write_json_atomic, write_text_atomic
 from .methods.base import ReferenceOutputs
 from .methods.terms import (IGNORE_INDEX, adversarial_targets, reference_distribution, sequence_logprob,
                             shift_for_next_token)
@@ -81,9 +81,7 @@ def model_fingerprint(cfg: RunConfig, cache_dir: Path) -> str:
     if getattr(cfg.model, "init", "pretrained") != "pretrained":
         h.update(f"init={cfg.model.init};seed={cfg.train.seed}".encode())
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_name(memo_path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_path)
+    write_text_atomic(memo_path, json.dumps(memo))
     return h.hexdigest()
 
 
@@ -414,9 +412,7 @@ def _write_report(cfg: RunConfig, section: str, entries: dict) -> None:
     except (OSError, ValueError):
         data = {}
     data[section] = entries
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -27,14 +27,13 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import ConfigError
-from .data import _check_jsonl, load_records, sha256_file
+from .data import _check_jsonl, load_records, sha256_file, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ def read_records(path: str, text_field: str = "text") -> list[dict]:
     return records
 
 
-def sourcesha256_file(path: str) -> str:
+def source_sha256(path: str) -> str:
     """sha256 of a file, or of a folder's (relative path, file sha256) list."""
     p = Path(path)
     if p.is_file():
@@ -297,9 +296,7 @@ def write_jsonl(path: Path, records: Sequence[dict]) -> None:
         text = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
     except TypeError as e:
         raise ConfigError(f"{path}: {e}") from None
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def chunk_counts(texts: list[str], tokenizer, seq_len: int, min_chunk_tokens: int, add_eos: bool,
@@ -367,7 +364,7 @@ def split_corpus(input_path: str, out_dir: str, settings: SplitSettings, *, forg
         elif path.exists():  # a stale general set from an earlier split would contradict the manifest
             path.unlink()
     manifest = {
-        "source": {"path": str(input_path), "sha256": sourcesha256_file(input_path), "num_documents": len(records)},
+        "source": {"path": str(input_path), "sha256": source_sha256(input_path), "num_documents": len(records)},
         "settings": asdict(settings),
         "sets": entries,
         "num_unused": len(index["unused"]),
@@ -376,13 +373,11 @@ def split_corpus(input_path: str, out_dir: str, settings: SplitSettings, *, forg
         manifest["settings"]["forget_ids"] = {"path": str(forget_ids_path), "sha256": sha256_file(Path(forget_ids_path)),
                                               "num_ids": len(forget_ids)}
     if general_path:
-        manifest["settings"]["general"] = {"path": str(general_path), "sha256": sourcesha256_file(general_path)}
+        manifest["settings"]["general"] = {"path": str(general_path), "sha256": source_sha256(general_path)}
     if tokenizer_dir:
         manifest["settings"]["tokenizer"] = {"path": str(tokenizer_dir), "seq_len": seq_len,
                                              "min_chunk_tokens": min_chunk_tokens, "add_eos": add_eos}
-    tmp = out / f"manifest.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "manifest.json")
+    write_json_atomic(out / "manifest.json", manifest, sort_keys=True)
     return manifest
 
 

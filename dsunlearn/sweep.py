@@ -38,6 +38,7 @@ from typing import Optional
 from . import engine as E
 from . import loop
 from .config import ConfigError, MethodConfig, RunConfig, load_run_config, parse_override, to_dict
+from .data import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def run_sweep(config_path: Optional[str], zero_path: str, grid_specs: list[str],
             log.warning("sweep: %d DeepSpeed engine(s) of finished points are still alive (memory grows per point)",
                         alive)
         if E.is_main():
-            loop.write_json_atomic(Path(out_dir) / "sweep.json", summarize(points, meta, forget_tol, retain_tol))
+            write_json_atomic(Path(out_dir) / "sweep.json", summarize(points, meta, forget_tol, retain_tol))
     summary = None
     if E.is_main():
         summary = summarize(points, meta, forget_tol, retain_tol)
@@ -375,7 +376,7 @@ def write_outputs(summary: dict, out_dir: Path) -> None:
                 [format_value(v) for v in xs], [format_value(v) for v in ys], gap, degraded, in_band,
                 out_dir / "plots" / fname, overshot=overshot, title=title, x_label=x or "", y_label=y or "",
                 limit=limit, band=summary["forget_tol"]))
-    loop.write_json_atomic(out_dir / "sweep.json", summary)
+    write_json_atomic(out_dir / "sweep.json", summary)
     (out_dir / "sweep.md").write_text(render_markdown(summary, x, y, xs, ys, images, out_dir), encoding="utf-8")
 
 

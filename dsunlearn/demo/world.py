@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from dsunlearn.data import write_text_atomic
 from dsunlearn.demo import sources
 
 __all__ = [
@@ -76,7 +77,7 @@ def build_corpus(cache_dir: str | os.PathLike) -> list[dict]:
     for src in sorted({d["source"] for d in docs} - {"cpython"}):
         deb = sources.fetch_deb(src, cache_dir)  # already cached: returns the file
         provenance["debs"][src] = {"file": deb.name, "sha256": _sha256(deb)}
-    _atomic_write(cache_dir / (CORPUS_FILE + ".sources.json"), json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(cache_dir / (CORPUS_FILE + ".sources.json"), json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     write_jsonl(path, docs)
     return docs
 
@@ -248,7 +249,7 @@ def write_world(
             "trained_on": "retain",
             "sha256": {p.name: _sha256(p) for p in sorted(tdir.iterdir()) if p.is_file()},
         }
-    _atomic_write(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 
@@ -292,20 +293,12 @@ def _split_defaults() -> dict:
 def write_jsonl(path: str | os.PathLike, docs: Iterable[dict]) -> None:
     """One JSON object per line, keys in document order (id, domain, source, text), UTF-8; written atomically."""
     lines = [json.dumps({k: d[k] for k in _DOC_KEYS}, ensure_ascii=False) + "\n" for d in docs]
-    _atomic_write(Path(path), "".join(lines))
+    write_text_atomic(Path(path), "".join(lines))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from .. import engine as E
 from ..config import RunConfig
-from ..data import collate, rank_batches
+from ..data import collate, rank_batches, write_json_atomic
 from .metrics import chunk_stats, concat_stats, split_metrics
 from .mia import attack_report
 
@@ -151,11 +151,6 @@ def compact(result: dict) -> dict:
     return out
 
 
-def write_json(path: Path, data) -> None:
-    from ..loop import write_json_atomic
-    write_json_atomic(path, data)
-
-
 def scalars(result: dict, prefix: str = "eval") -> dict:
     out = {f"{prefix}/{name}/loss": m["loss"] for name, m in result["splits"].items()}
     out.update({f"{prefix}/{name}/accuracy": m["accuracy"] for name, m in result["splits"].items()})
@@ -234,7 +229,7 @@ class Evaluator:
 
     def _save_state(self) -> None:
         if E.is_main():
-            write_json(self._state_path(), {"history": self.history, "before": self.before,
+            write_json_atomic(self._state_path(), {"history": self.history, "before": self.before,
                                             "split_check": self.split_check,
                                             "best": self.best, "last_full": self.last_full})
 
@@ -297,7 +292,7 @@ class Evaluator:
             **(extra or {}),
         }
         if E.is_main():
-            write_json(self.run_dir / "metrics.json", metrics)
+            write_json_atomic(self.run_dir / "metrics.json", metrics)
             from .report import write_report
             write_report(self.run_dir, metrics, after["result"], self.before, self.retrained,
                          split_check=self.split_check)
