@@ -60,7 +60,7 @@ class RunState:
     seconds: float = 0.0    # wall time of those optimizer steps
 
 
-def plan_cost(cfg: RunConfig, method, streams: dict, engine, world: int, steps: int, state: RunState) -> dict:
+def plan_cost(cfg: RunConfig, method, streams: dict, engine, world: int, state: RunState) -> dict:
     """Analytic FLOPs of this run (every pass the method makes) and the retraining comparison (dsunlearn.cost)."""
     from .cost import KNOWN_PRETRAINING, ModelShape, run_cost, run_passes
     t, seq = cfg.train, cfg.data.seq_len
@@ -81,7 +81,7 @@ def plan_cost(cfg: RunConfig, method, streams: dict, engine, world: int, steps: 
         pretrain_tokens = KNOWN_PRETRAINING[cfg.cost.known_model][1]
     tokens_per_s = state.tokens / state.seconds if state.seconds else None
     return run_cost(ModelShape.from_model(engine.module), seq, run_passes(per_step, reference, cfg.reference.mode),
-                    steps, one_time, pretrain_tokens, tokens_per_s, state.tokens or None)
+                    state.step, one_time, pretrain_tokens, tokens_per_s, state.tokens or None)
 
 
 def prepare_run_dir(run_dir: str, overwrite: bool, resume: bool) -> None:
@@ -346,7 +346,7 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
         # With the stop rule on, the evaluator has already exported the weights that best met it.
         if cfg.output.save_model and weights_ok and not (evaluator is not None and evaluator.tracks_best):
             E.export_hf_model(engine, tokenizer, str(Path(run_dir) / "model"))
-        cost = plan_cost(cfg, method, streams, engine, world, state.step, state)
+        cost = plan_cost(cfg, method, streams, engine, world, state)
         logger.scalars(state.step, {"cost/unlearning_flops": float(cost["unlearning_flops"]),
                                     "cost/flops_per_step": float(cost["flops_per_step"]["total"])})
         if evaluator is not None:
