@@ -207,13 +207,13 @@ def two_pass_step(engine, method, weights, streams) -> float:
 
 
 class PrecomputedReference:
-    """theta_0's top-k outputs per step, computed before step 1 (``fill`` has the reference hook's signature)."""
+    """theta_0's top-k outputs per step, computed before step 1 (``outputs_for`` is the reference hook's)."""
 
     def __init__(self, per_step: list):
         self.per_step, self.index = per_step, 0
 
-    def fill(self, outputs, streams, fused=None, sizes=None) -> None:
-        outputs["retain"].reference = self.per_step[self.index]
+    def outputs_for(self, streams, device) -> dict:
+        return {"retain": self.per_step[self.index]}
 
 
 def clear_release_cache() -> None:

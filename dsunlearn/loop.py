@@ -171,8 +171,13 @@ class RunLogger:
 
 
 def fused_forward(engine, method, streams: dict[str, dict], reference=None) -> dict[str, StreamOutputs]:
-    """Concatenate every stream into one batch, run one forward, hand each stream its slice."""
+    """Concatenate every stream into one batch, run one forward, hand each stream its slice.
+
+    theta_0's outputs (``reference.outputs_for``) are taken first: a reference engine's forward then peaks before the
+    trained forward's activations exist instead of on top of them, and only what the method needs is kept.
+    """
     names = list(streams)
+    refs = reference.outputs_for(streams, E.device()) if reference is not None else {}
     sizes = [streams[n]["input_ids"].size(0) for n in names]
     fused = {k: torch.cat([streams[n][k] for n in names]) for k in ("input_ids", "attention_mask", "labels")}
     out = E.forward(engine, fused, output_hidden_states=method.needs_hidden_states)
@@ -186,9 +191,7 @@ def fused_forward(engine, method, streams: dict[str, dict], reference=None) -> d
             logits=logits[i], labels=s["labels"].to(dev), input_ids=s["input_ids"].to(dev),
             extra={k: v.to(dev) if torch.is_tensor(v) else v for k, v in s.items()
                    if k not in ("input_ids", "attention_mask", "labels")},
-            hidden_states=tuple(h[i] for h in hidden) if hidden else None)
-    if reference is not None:
-        reference.fill(outputs, streams, fused, sizes)
+            hidden_states=tuple(h[i] for h in hidden) if hidden else None, reference=refs.get(n))
     return outputs
 
 

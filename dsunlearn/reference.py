@@ -229,23 +229,26 @@ def _check_needs(method) -> tuple[dict, Optional[int]]:
 
 class EngineReference:
     """theta_0 as a frozen engine (or any module called like one): one no-grad forward per micro-step, over the
-    concatenation of only the streams that need it."""
+    concatenation of only the streams that need it. ``outputs_for`` runs before the trained model's forward, so the
+    reference's transient activations and logits are freed before the trained activations exist."""
 
     def __init__(self, engine, needs: dict, hidden_index: Optional[int] = None, keep_alive=None):
         self.engine, self.needs, self.hidden_index = engine, needs, hidden_index
         self._keep_alive = keep_alive  # HfDeepSpeedConfig of the reference model: must outlive its engine
 
-    def fill(self, outputs: dict, streams: dict, fused=None, sizes=None) -> None:
+    def outputs_for(self, streams: dict, device: torch.device) -> dict[str, ReferenceOutputs]:
         names = [n for n in streams if n in self.needs]
         batch = {k: torch.cat([streams[n][k] for n in names]) for k in ("input_ids", "attention_mask", "labels")}
+        refs = {}
         with torch.no_grad():
             out = E.forward(self.engine, batch, output_hidden_states=self.hidden_index is not None)
             counts = [streams[n]["input_ids"].size(0) for n in names]
             logits = out.logits.split(counts)
             hidden = out.hidden_states[self.hidden_index].split(counts) if self.hidden_index is not None else None
             for i, n in enumerate(names):
-                outputs[n].reference = reference_outputs(self.needs[n], logits[i], outputs[n].labels,
-                                                         hidden[i] if hidden is not None else None)
+                refs[n] = reference_outputs(self.needs[n], logits[i], streams[n]["labels"].to(device),
+                                            hidden[i] if hidden is not None else None)
+        return refs
 
 
 class CacheReference:
@@ -254,14 +257,15 @@ class CacheReference:
     def __init__(self, stores: dict[str, dict[str, RowStore]]):
         self.stores = stores
 
-    def fill(self, outputs: dict, streams: dict, fused=None, sizes=None) -> None:
+    def outputs_for(self, streams: dict, device: torch.device) -> dict[str, ReferenceOutputs]:
+        refs = {}
         for n, fields in self.stores.items():
             rows = streams[n]["row"].tolist()
-            dev = outputs[n].logits.device
-            values = {name: store.read(rows).to(dev) for name, store in fields.items()}
+            values = {name: store.read(rows).to(device) for name, store in fields.items()}
             if "topk_ids" in values:
                 values["topk_ids"] = values["topk_ids"].long()
-            outputs[n].reference = ReferenceOutputs(**values)
+            refs[n] = ReferenceOutputs(**values)
+        return refs
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from dsunlearn.methods.terms import chunk_nll, shift_for_next_token
+from dsunlearn.methods.terms import chunk_nll, default_block_elements, row_blocks, shift_for_next_token
 
 MIN_K_PERCENTS = (10, 20, 30, 40, 50, 60)
 """The k values (in percent) reported by both Min-K% papers."""
@@ -51,13 +51,6 @@ class TokenStats(NamedTuple):
     """bool: the target counts."""
 
 
-def default_block_elements(device: torch.device) -> int:
-    """Logit entries per block in ``token_stats``: fits in cache on CPU (the work is memory-bound), bounds the fp32
-    temporaries to ~256 MiB each on an accelerator, where a whole ``[B,T,V]`` fp32 log-softmax of a 128k vocabulary
-    would not fit next to the logits."""
-    return 2**20 if device.type == "cpu" else 2**26
-
-
 def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, block_elements: int | None = None) -> TokenStats:
     """Everything the metrics and the scores need from the ``[B,T,V]`` logits, in one pass over row blocks.
 
@@ -71,13 +64,7 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, block_elements: i
     batch, num_pos, vocab = shifted.shape
     out = [torch.zeros(batch, num_pos, dtype=torch.float32, device=logits.device) for _ in range(2)]
     correct = torch.zeros(batch, num_pos, dtype=torch.bool, device=logits.device)
-    rows = max(1, (block_elements or default_block_elements(logits.device)) // vocab)
-    if num_pos == 0:  # T == 1: nothing is predicted
-        blocks = []
-    elif num_pos <= rows:  # whole chunks per block
-        blocks = [(slice(b, b + rows // num_pos), slice(None)) for b in range(0, batch, rows // num_pos)]
-    else:  # slices of one chunk per block
-        blocks = [(slice(b, b + 1), slice(t, t + rows)) for b in range(batch) for t in range(0, num_pos, rows)]
+    blocks = row_blocks(batch, num_pos, vocab, block_elements or default_block_elements(logits.device))
     for bs, ts in blocks:
         block, target = shifted[bs, ts], targets[bs, ts]
         logp = torch.log_softmax(block.float(), dim=-1)
@@ -172,17 +159,14 @@ def resolve_ref_nll(ref_logits: torch.Tensor | None, ref_nll: torch.Tensor | Non
                     block_elements: int | None = None) -> torch.Tensor | None:
     """The reference mean NLL per chunk from whichever of ``ref_logits`` / ``ref_nll`` was given (not both).
 
-    From logits it is ``terms.chunk_nll`` over blocks of whole chunks (of about ``block_elements`` logit entries, see
-    ``token_stats``), so its fp32 log-softmax never spans the whole batch.
+    From logits it is ``terms.chunk_nll``, which works in row blocks of about ``block_elements`` logit entries, so its
+    fp32 log-softmax never spans the whole batch.
     """
     if ref_logits is not None and ref_nll is not None:
         raise ValueError("give ref_logits or ref_nll, not both")
     if ref_logits is None:
         return ref_nll
-    batch, seq, vocab = ref_logits.shape
-    per_block = max(1, (block_elements or default_block_elements(ref_logits.device)) // (seq * vocab))
-    return torch.cat([chunk_nll(ref_logits[b:b + per_block], labels[b:b + per_block])
-                      for b in range(0, batch, per_block)]).double()
+    return chunk_nll(ref_logits, labels, block_elements).double()
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target_fpr: float) -> float:

@@ -17,9 +17,14 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype loss math runs in: fp32 for fp16/bf16, fp32/fp64 unchanged."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 -> fp32; fp32/fp64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.to(compute_dtype(x.dtype))
 
 
 def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,15 +39,112 @@ def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return shifted_logits, targets.masked_fill(~mask, 0), mask.to(shifted_logits.dtype)
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def default_block_elements(device: torch.device) -> int:
+    """Logit entries per block of every vocabulary-wide computation here and in evaluation: fits in cache on CPU (the
+    work is memory-bound), bounds each fp32 temporary to ~256 MiB on an accelerator, where a whole ``[B,T,V]`` fp32
+    log-softmax of a 128k vocabulary would not fit next to the logits."""
+    return 2**20 if device.type == "cpu" else 2**26
+
+
+def row_blocks(batch: int, num_pos: int, vocab: int, block_elements: int) -> list[tuple[slice, slice]]:
+    """``(batch slice, position slice)`` blocks covering ``[batch, num_pos]`` with about ``block_elements`` logit
+    entries each: whole chunks per block when a chunk fits, else slices of one chunk. Per-row math never depends on
+    the blocking, so results are the same for every block size."""
+    rows = max(1, block_elements // max(vocab, 1))
+    if num_pos == 0 or batch == 0:
+        return []
+    if num_pos <= rows:
+        per = rows // num_pos
+        return [(slice(b, min(b + per, batch)), slice(0, num_pos)) for b in range(0, batch, per)]
+    return [(slice(b, b + 1), slice(t, min(t + rows, num_pos))) for b in range(batch) for t in range(0, num_pos, rows)]
+
+
+def _predicting_blocks(logits: torch.Tensor, block_elements: int | None) -> list[tuple[slice, slice]]:
+    """Blocks over the positions that predict a next token (all but the last) of ``[B, T, V]`` logits."""
+    batch, seq, vocab = logits.shape
+    return row_blocks(batch, seq - 1, vocab, block_elements or default_block_elements(logits.device))
+
+
+class _NextTokenLogSoftmaxGather(torch.autograd.Function):
+    """``log_softmax(logits[:, :-1])`` gathered at ``index`` (``[B, T-1, K]``), in fp32, one row block at a time.
+
+    Same values as the whole-tensor expression, but neither direction ever holds a ``[B, T, V]`` fp32 tensor: the
+    forward keeps only the logits (which exist anyway) and the backward recomputes each block's softmax, writing
+    ``d/dx = scatter(g, index) - softmax(x) * sum(g)`` straight into one gradient of the logits' own shape and dtype
+    (no slice-backward copy, no fp32 copy of bf16 logits).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, index, block_elements):
+        out = torch.empty(index.shape, dtype=compute_dtype(logits.dtype), device=logits.device)
+        for bs, ts in _predicting_blocks(logits, block_elements):
+            out[bs, ts] = torch.log_softmax(upcast(logits[bs, ts]), dim=-1).gather(-1, index[bs, ts])
+        ctx.save_for_backward(logits, index)
+        ctx.block_elements = block_elements
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        logits, index = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        for bs, ts in _predicting_blocks(logits, ctx.block_elements):
+            g = grad[bs, ts]
+            softmax = torch.log_softmax(upcast(logits[bs, ts]), dim=-1).exp_()
+            grad_logits[bs, ts] = softmax.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, index[bs, ts], g)
+        return grad_logits, None, None
+
+
+class _NextTokenKL(torch.autograd.Function):
+    """Per position ``KL(p0 || softmax(logits))`` = ``sum_v p0 (log p0 - log p)`` for full-vocabulary reference
+    log-probs ``[B, T, V]``, ``[B, T-1]`` out, in fp32, one row block at a time.
+
+    The backward is the analytic ``g * (softmax(x) * sum_v p0 - p0)`` per block (what autograd derives through
+    log-softmax), so no full-vocabulary fp32 intermediate is kept between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ref_logprobs, block_elements):
+        dtype = compute_dtype(logits.dtype)
+        out = torch.empty(logits.size(0), logits.size(1) - 1, dtype=dtype, device=logits.device)
+        for bs, ts in _predicting_blocks(logits, block_elements):
+            logp = torch.log_softmax(upcast(logits[bs, ts]), dim=-1)
+            lp0 = ref_logprobs[bs, ts].to(dtype)
+            out[bs, ts] = (lp0.exp() * (lp0 - logp)).sum(-1)
+        ctx.save_for_backward(logits, ref_logprobs)
+        ctx.block_elements = block_elements
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        logits, ref_logprobs = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        for bs, ts in _predicting_blocks(logits, ctx.block_elements):
+            softmax = torch.log_softmax(upcast(logits[bs, ts]), dim=-1).exp_()
+            p0 = ref_logprobs[bs, ts].to(softmax.dtype).exp()
+            g = grad[bs, ts].unsqueeze(-1)
+            grad_logits[bs, ts] = softmax.mul_(p0.sum(-1, keepdim=True)).sub_(p0).mul_(g)
+        return grad_logits, None, None
+
+
+def next_token_logprobs_at(logits: torch.Tensor, index: torch.Tensor,
+                           block_elements: int | None = None) -> torch.Tensor:
+    """``log p(index | x<=t)`` for ``index`` ``[B, T-1, K]`` at each predicting position of ``[B, T, V]`` logits:
+    ``[B, T-1, K]`` fp32, computed block by block (see ``_NextTokenLogSoftmaxGather``)."""
+    return _NextTokenLogSoftmaxGather.apply(logits, index.long(), block_elements)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor,
+                   block_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next token: ``([B, T-1] log p(y_t+1 | y_<=t), [B, T-1] mask)``; masked entries are 0.
 
     Computed in fp32 whatever the model dtype: bf16 log-softmax over a 32k+ vocabulary loses the digits that small
-    loss differences between methods live in.
+    loss differences between methods live in. Computed in row blocks, so the only full-vocabulary tensors are the
+    logits and, in the backward, their gradient.
     """
-    shifted_logits, targets, mask = shift_for_next_token(upcast(logits), labels)
-    logp = torch.log_softmax(shifted_logits, dim=-1)
-    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    _, targets, mask = shift_for_next_token(logits[:, :, :1], labels)
+    picked = next_token_logprobs_at(logits, targets.unsqueeze(-1), block_elements).squeeze(-1)
     mask = mask.to(picked.dtype)
     return picked * mask, mask
 
@@ -53,9 +155,9 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return picked.sum(-1)
 
 
-def chunk_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def chunk_nll(logits: torch.Tensor, labels: torch.Tensor, block_elements: int | None = None) -> torch.Tensor:
     """Mean next-token NLL per chunk over counted positions, ``[B]``. A chunk with no counted position gives 0."""
-    picked, mask = token_logprobs(logits, labels)
+    picked, mask = token_logprobs(logits, labels, block_elements)
     return -picked.sum(-1) / mask.sum(-1).clamp(min=1.0)
 
 
@@ -87,46 +189,60 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def reference_distribution(logits: torch.Tensor, topk: int | None = None):
+def reference_distribution(logits: torch.Tensor, topk: int | None = None, block_elements: int | None = None):
     """theta_0's next-token distribution in the form the KL term takes: ``(logprobs, ids, rest_logmass)``.
 
-    - ``topk`` None or >= vocab: the full log-probabilities ``[B, T, V]`` and ``ids = rest_logmass = None``.
+    - ``topk`` None or >= vocab: the full fp32 log-probabilities ``[B, T, V]`` and ``ids = rest_logmass = None``.
     - otherwise the top-k log-probs and their ids ``[B, T, k]`` and ``rest_logmass`` ``[B, T]`` = log of the mass
       outside the top k (summed exactly from the other entries, not as ``1 - sum``, so it keeps its digits).
+    Computed one row block at a time (``row_blocks``): the only full-vocabulary tensor beyond the logits is the
+    full result itself.
     """
-    logp = torch.log_softmax(upcast(logits), dim=-1)
-    # A token theta_0 gives probability 0 would make exp(-inf) * (-inf - x) = NaN in the KL; in place: no copy.
-    logp.clamp_(min=torch.finfo(logp.dtype).min)
-    if topk is None or topk >= logp.size(-1):
-        return logp, None, None
-    values, ids = logp.topk(topk, dim=-1)
-    rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
-    return values, ids, rest
+    batch, seq, vocab = logits.shape
+    full = topk is None or topk >= vocab
+    dtype = compute_dtype(logits.dtype)
+    if full:
+        values = torch.empty(batch, seq, vocab, dtype=dtype, device=logits.device)
+    else:
+        values = torch.empty(batch, seq, topk, dtype=dtype, device=logits.device)
+        ids = torch.empty(batch, seq, topk, dtype=torch.long, device=logits.device)
+        rest = torch.empty(batch, seq, dtype=dtype, device=logits.device)
+    for bs, ts in row_blocks(batch, seq, vocab, block_elements or default_block_elements(logits.device)):
+        logp = torch.log_softmax(upcast(logits[bs, ts]), dim=-1)
+        # A token theta_0 gives probability 0 would make exp(-inf) * (-inf - x) = NaN in the KL; in place: no copy.
+        logp.clamp_(min=torch.finfo(logp.dtype).min)
+        if full:
+            values[bs, ts] = logp
+            continue
+        top_values, top_ids = logp.topk(topk, dim=-1)
+        values[bs, ts], ids[bs, ts] = top_values, top_ids
+        rest[bs, ts] = logp.scatter_(-1, top_ids, float("-inf")).logsumexp(-1)
+    return (values, None, None) if full else (values, ids, rest)
 
 
 def kl_to_reference(logits: torch.Tensor, labels: torch.Tensor, ref_logprobs: torch.Tensor,
-                    ref_ids: torch.Tensor | None = None, ref_rest_logmass: torch.Tensor | None = None) -> torch.Tensor:
+                    ref_ids: torch.Tensor | None = None, ref_rest_logmass: torch.Tensor | None = None,
+                    block_elements: int | None = None) -> torch.Tensor:
     """Batch KL(p_theta0 || p_theta): per position, mean over each chunk's counted positions, mean over chunks.
 
     Positions count where the next token is not padding (the positions NLL counts). With ``ref_ids`` None the
-    reference is the full distribution and the KL is exact. With top-k ids the KL is taken between the two
-    distributions coarsened to {the k tokens, "everything else"}:
+    reference is the full distribution ``[B, T, V]`` and the KL is exact. With top-k ids the KL is taken between the
+    two distributions coarsened to {the k tokens, "everything else"}:
 
         sum_{v in K} p0(v) log(p0(v) / p(v))  +  P0_rest log(P0_rest / P_rest),   P_rest = 1 - sum_{v in K} p(v)
 
     a lower bound of the exact KL (data processing), equal to it when k = vocab and 0 when theta = theta_0.
-    ``ref_logprobs`` must be finite (``reference_distribution`` clamps them): with full-vocabulary tensors every extra
-    copy costs as much as the logits.
+    ``ref_logprobs`` must be finite (``reference_distribution`` clamps them). Both forms run in row blocks: no
+    full-vocabulary fp32 tensor is created besides the reference's own.
     """
-    shifted, _, mask = shift_for_next_token(upcast(logits), labels)
-    logp = torch.log_softmax(shifted, dim=-1)
-    lp0 = ref_logprobs[:, :-1].to(logp.dtype)
+    _, _, mask = shift_for_next_token(logits[:, :, :1], labels)
     if ref_ids is None:
-        per_position = (lp0.exp() * (lp0 - logp)).sum(-1)
+        per_position = _NextTokenKL.apply(logits, ref_logprobs, block_elements)
     else:
-        lpk = logp.gather(-1, ref_ids[:, :-1].long())
+        lpk = next_token_logprobs_at(logits, ref_ids[:, :-1], block_elements)
+        lp0 = ref_logprobs[:, :-1].to(lpk.dtype)
         head = (lp0.exp() * (lp0 - lpk)).sum(-1)
-        rest0 = ref_rest_logmass[:, :-1].to(logp.dtype)
+        rest0 = ref_rest_logmass[:, :-1].to(lpk.dtype)
         has_rest = torch.isfinite(rest0)
         safe_rest0 = torch.where(has_rest, rest0, torch.zeros_like(rest0))  # no NaN in the unused branch's gradient
         rest = log1mexp(lpk.logsumexp(-1))
