@@ -10,8 +10,10 @@ Li et al., "The WMDP Benchmark: Measuring and Reducing Malicious Use With Unlear
 h_l is the output of decoder layer ``layer`` (``hidden_states[layer + 1]`` of the forward's outputs, never read from
 inside modules); u is a fixed random unit vector (uniform [0, 1) entries, normalised, seeded by ``control_seed``).
 Only parameters matching ``trainable_params`` are trained (paper: the MLP output projections of layers l-2..l).
-Defaults are the paper's Zephyr-7B setting: l = 7, c = 6.5, alpha = 1200 (the retain weight), lr 5e-5. c should
-scale with the norm of layer l's activations: retune it for other models.
+Defaults are the paper's Zephyr-7B setting, as the released code's command for it sets them (its argparse defaults
+differ: c = 20, alpha = 100): l = 7, c = 6.5, alpha = 1200 (the retain weight), lr 5e-5, 150 batches of 4. c should
+scale with the norm of layer l's activations: retune it for other models. The released code averages the squared
+error over padding too; here padding is masked.
 """
 from __future__ import annotations
 

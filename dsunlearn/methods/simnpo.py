@@ -6,7 +6,9 @@ Unlearning", 2024 (arXiv:2410.07163).
     loss = -(2/beta) * mean_chunks log sigmoid(-(beta/|y|) log pi_theta(y) - gamma)  +  lambda * NLL(retain)
 
 |y| is the chunk's number of counted tokens. Defaults are the paper's MUSE-Books setting (long text chunks, the
-closest of its benchmarks to this study): beta 0.7, gamma 0, lambda 0.1 (lr 1e-5). No reference model is needed.
+closest of its benchmarks to this study): beta 0.7, gamma 0, lambda 0.1 (lr 1e-5), as in the released code's MUSE
+README. No reference model is needed. The released code scales its margin by beta (``sigma(beta * (-log pi/|y| -
+delta))``): gamma here = beta * delta there (docs/methods.md has its other settings converted).
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ class SimNPO(OptionalRetainNLL):
     beta: float = 0.7
     """Inverse temperature on the length-normalised log-likelihood (paper, MUSE-Books: 0.7)."""
     gamma: float = 0.0
-    """Reward margin inside the sigmoid (paper, MUSE-Books: 0; larger values keep pushing already-forgotten
-    chunks)."""
+    """Reward margin inside the sigmoid, added after the beta scaling (paper, MUSE-Books: 0; MUSE-News: 2.25 = 0.75 x
+    the released code's 3.0). Larger values keep pushing already-forgotten chunks."""
     retain_loss: str = "nll"
     """"nll" (the paper's regularised SimNPO) or "none"."""
 
