@@ -46,19 +46,28 @@ from dsunlearn.eval.mia import MIN_K_PERCENTS, VARIANCE_FLOOR
 from dsunlearn.methods.terms import IGNORE_INDEX
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync():
+    """Wait for queued accelerator work, so that wall-clock times cover it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def build_model(args, seed):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                       num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq_len,
                       initializer_range=0.2, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg).eval().to(DEVICE)
 
 
 def make_chunks(args):
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(args.seq_len * 3 // 4, args.seq_len + 1, (args.chunks,), generator=gen).tolist()
-    chunks = [torch.randint(0, args.vocab, (n,), generator=gen) for n in lengths]
+    chunks = [torch.randint(0, args.vocab, (n,), generator=gen).to(DEVICE) for n in lengths]
     texts = [" ".join(map(str, c.tolist())) for c in chunks]
     return chunks, texts
 
@@ -67,7 +76,7 @@ def vectorised_forwards(model, ref_model, chunks, micro_batch, seq_len):
     batches = []
     for start in range(0, len(chunks), micro_batch):
         part = chunks[start:start + micro_batch]
-        ids = torch.zeros(len(part), seq_len, dtype=torch.long)
+        ids = torch.zeros(len(part), seq_len, dtype=torch.long, device=DEVICE)
         attn = torch.zeros_like(ids)
         labels = torch.full_like(ids, IGNORE_INDEX)
         for i, c in enumerate(part):
@@ -133,6 +142,7 @@ class Clock:
     def forward(self, model, ids):
         t0 = time.perf_counter()
         logits = model(input_ids=ids[None]).logits[0]
+        sync()
         self.fwd += time.perf_counter() - t0
         return logits
 
@@ -221,6 +231,7 @@ def per_attack_suite(model, ref_model, chunks, texts):
 def timed(fn, *a):
     t0 = time.perf_counter()
     result = fn(*a)
+    sync()
     return result, time.perf_counter() - t0
 
 
@@ -235,7 +246,11 @@ def main():
     p.add_argument("--repeats", type=int, default=3,
                    help="median of N, the designs interleaved A, B, vectorised (shared machines)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the models and the scoring run (default: cuda when available)")
     args = p.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -270,7 +285,8 @@ def main():
     worst = {}
     for name, ref in (("A", ref_a), ("B", ref_b)):
         assert set(vec) == set(ref), (name, sorted(vec), sorted(ref))
-        errors = {k: float(((vec[k].double() - ref[k]).abs() / ref[k].abs().clamp_min(1.0)).max()) for k in ref}
+        errors = {k: float(((vec[k].double().cpu() - ref[k].cpu()).abs() / ref[k].cpu().abs().clamp_min(1.0)).max())
+                  for k in ref}
         worst[name] = max(errors.values())
         assert worst[name] < 1e-5, f"vectorised and baseline ({name}) disagree: {errors}"
 
@@ -282,7 +298,7 @@ def main():
 
     print(f"command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`  ")
     print(f"date: {datetime.date.today().isoformat()}; machine: {platform.machine()} {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads); median of {args.repeats}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {DEVICE}; median of {args.repeats}, "
           f"designs interleaved A, B, vectorised; 1-min load average before each repeat and at the end: "
           f"{', '.join(f'{x:.1f}' for x in loads)}  ")
     print(f"model: 2 x Llama {num_params / 1e6:.1f}M params (target + reference), vocab {args.vocab}; "

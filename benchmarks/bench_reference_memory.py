@@ -107,7 +107,7 @@ def run_mode(mode: str, world: dict, work: Path, args) -> dict:
            "data": {k: world[k] for k in ("forget", "retain")} | {"seq_len": args.seq_len},
            "method": {"name": "ga_kl"}, "reference": {"mode": mode, "topk": args.topk},
            "train": {"micro_batch_size": args.micro_batch_size, "num_steps": args.steps, "lr": 1e-5,
-                     "warmup_ratio": 0.0},
+                     "warmup_ratio": 0.0, "activation_checkpointing": args.activation_checkpointing},
            "eval": {"splits": []}, "output": {"run_dir": str(run_dir), "save_model": False}}
     cfg_path = work / f"{mode}.json"
     cfg_path.write_text(json.dumps(cfg, indent=1))
@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--num-docs", type=int, default=8)
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="train.activation_checkpointing = true in both modes")
     args, _ = ap.parse_known_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
     if args.worker:
         sys.exit(worker(args.config, args.out))
@@ -155,7 +157,8 @@ def main() -> None:
     print(f"\nGA+KL, {world['num_params'] / 1e6:.1f}M-param Llama (hidden {args.hidden}, {args.layers} layers, "
           f"vocab {args.vocab}), {args.ranks} CPU ranks, ZeRO-3 fp32 ({ZERO.name}), micro-batch {args.micro_batch_size}"
           f" forget + {args.micro_batch_size} retain chunks of {args.seq_len} tokens, {args.steps} steps, "
-          f"top-k {args.topk}.\n`{command.strip()}`\n")
+          f"top-k {args.topk}, activation checkpointing {'on' if args.activation_checkpointing else 'off'}."
+          f"\n`{command.strip()}`\n")
     print("| reference | peak RSS rank 0 (MiB) | peak RSS rank 1 (MiB) | peak after engine built | "
           "peak after reference built | run (s) |")
     print("|---|---|---|---|---|---|")

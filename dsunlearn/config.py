@@ -112,6 +112,10 @@ class TrainConfig:
     """Forget chunks per optimizer step; if set it must equal micro_batch_size * grad_accum * world_size."""
     retain_ratio: int = 1
     """Retain chunks per forget chunk in each fused batch (study: 1:1)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them all (transformers' gradient
+    checkpointing, non-reentrant): about a third more compute, activation memory of roughly one layer instead of
+    every layer. Turn it on for billion-parameter models at long chunks; the losses are the same either way."""
     num_steps: Optional[int] = None
     """Optimizer steps; default derived from epochs over the forget set."""
     epochs: float = 1.0

@@ -232,12 +232,32 @@ def load_model(cfg: RunConfig, ds_config: dict, path: Optional[str] = None):
     return model, handle
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward instead of keeping them.
+
+    transformers' gradient checkpointing in its non-reentrant form: gradients still reach parameters when a layer's
+    inputs do not require grad (RMU trains three MLP projections of an otherwise frozen model), and under ZeRO-3 the
+    engine's hooks gather each layer's parameters again for its recompute. Active only in training mode, so no-grad
+    evaluation and reference passes are unaffected.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support gradient "
+                          f"checkpointing; set it to false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def build_train_engine(model, ds_config: dict, cfg: RunConfig, num_steps: int):
     """deepspeed.initialize with a client AdamW and the warmup + cosine/constant schedule."""
     import math
     import deepspeed
 
     t = cfg.train
+    if t.activation_checkpointing:
+        enable_activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("no trainable parameters (did a method's parameter pattern match nothing?)")

@@ -23,6 +23,9 @@ DERIVED_KEYS = {
 OWNED_SECTIONS = {
     "optimizer": "dsunlearn builds the optimizer (AdamW) from the run config's train section",
     "scheduler": "dsunlearn builds the LR schedule from train.schedule / train.warmup_ratio",
+    # DeepSpeed's section configures deepspeed.checkpointing, which Hugging Face models never call: it would do nothing.
+    "activation_checkpointing": "set train.activation_checkpointing in the run config (transformers' per-layer "
+                                "recompute; DeepSpeed's section has no effect on Hugging Face models)",
 }
 
 

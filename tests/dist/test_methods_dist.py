@@ -4,7 +4,7 @@ A launch costs ~15 s of imports and process-group setup, a 2-step run a few seco
 the configs below one after another in the same two processes, each through ``loop.unlearn`` exactly as
 ``python -m dsunlearn unlearn`` does. What runs on 2 ranks: ga, random_labels, adversarial_labels, ga_gd with general
 retain data, ga_kl (reference engine; cache with k = vocab; cache with k = 8), npo (engine; cache), simnpo, rmu
-(engine; cache).
+(engine; cache), and ga_kl and rmu again with activation checkpointing.
 """
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ RUNS = {
     "simnpo": {"method": {"name": "simnpo"}},
     "rmu_engine": {"method": {"name": "rmu", "params": RMU}, "reference": {"mode": "engine"}},
     "rmu_cache": {"method": {"name": "rmu", "params": RMU}, "reference": {"mode": "cache"}},
+    # train.activation_checkpointing under ZeRO-3 (the recompute gathers each layer's shards again), also with RMU's
+    # mostly frozen model.
+    "ga_kl_engine_ckpt": {"method": {"name": "ga_kl"}, "reference": {"mode": "engine"},
+                          "train": {"activation_checkpointing": True}},
+    "rmu_engine_ckpt": {"method": {"name": "rmu", "params": RMU}, "reference": {"mode": "engine"},
+                        "train": {"activation_checkpointing": True}},
 }
 
 
@@ -42,7 +48,7 @@ def runs(toy_world, tmp_path_factory):
     configs = []
     for name, sections in RUNS.items():
         sections = {**sections, "train": {"micro_batch_size": 2, "num_steps": NUM_STEPS, "lr": 1e-3,
-                                          "warmup_ratio": 0.0},
+                                          "warmup_ratio": 0.0, **sections.get("train", {})},
                     "eval": {"splits": []}, "output": {"run_dir": str(root / "runs" / name), "save_model": False}}
         configs.append(str(write_run_config(root / f"{name}.json", toy_world, root / "runs" / name, **sections)))
     cmd = deepspeed_launcher(2) + [
@@ -79,6 +85,17 @@ def test_cache_equals_engine_on_two_ranks(runs, method):
     assert _losses(runs / f"{method}_cache") == _losses(runs / f"{method}_engine")
     reference = json.loads((runs / f"{method}_cache" / "reference.json").read_text())["reference"]
     assert reference["mode"] == "cache" and all(e["built"] for e in reference["entries"].values())
+
+
+@pytest.mark.parametrize("method", ["ga_kl", "rmu"])
+def test_activation_checkpointing_gives_the_same_losses_under_zero3(runs, method):
+    plain, ckpt = _losses(runs / f"{method}_engine"), _losses(runs / f"{method}_engine_ckpt")
+    assert [row.keys() for row in ckpt] == [row.keys() for row in plain]
+    for step, (a, b) in enumerate(zip(plain, ckpt), start=1):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (method, step, key)
+    resolved = json.loads((runs / f"{method}_engine_ckpt" / "config.json").read_text())
+    assert resolved["train"]["activation_checkpointing"] is True
 
 
 def test_kl_is_zero_at_step_zero(runs):

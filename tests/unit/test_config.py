@@ -32,7 +32,7 @@ def test_set_parses_and_types_values():
     ("train.num_steps=1.5", "train.num_steps: expected int"),
     ("train.lr=fast", "train.lr: expected float"),
     ("model.trust_remote_code=1", "expected bool"),
-    ("train.learning_rate=1", "unknown key 'learning_rate'; valid keys: betas, epochs"),
+    ("train.learning_rate=1", "unknown key 'learning_rate'; valid keys: activation_checkpointing, betas, epochs"),
     ("trainer.lr=1", "unknown key 'trainer'"),
     ("train.schedule=linear", "train.schedule"),
     ("noequals", "expected section.key=value"),
@@ -92,6 +92,8 @@ def test_zero_rejects_optimizer_section_and_global_batch_mismatch():
     cfg = load_run_config(None, [])
     with pytest.raises(ConfigError, match="remove the 'optimizer' section"):
         resolve(_zero(optimizer={"type": "AdamW"}), cfg, world_size=1)
+    with pytest.raises(ConfigError, match="remove the 'activation_checkpointing' section: set train.activation_chec"):
+        resolve(_zero(activation_checkpointing={"partition_activations": True}), cfg, world_size=1)
     cfg = load_run_config(None, ["train.global_batch_size=16", "train.micro_batch_size=2"])
     with pytest.raises(ConfigError, match=r"global_batch_size=16 .* = 4"):
         resolve(_zero(), cfg, world_size=2)
