@@ -68,29 +68,35 @@ def _predicting_blocks(logits: torch.Tensor, block_elements: int | None) -> list
 class _NextTokenLogSoftmaxGather(torch.autograd.Function):
     """``log_softmax(logits[:, :-1])`` gathered at ``index`` (``[B, T-1, K]``), in fp32, one row block at a time.
 
-    Same values as the whole-tensor expression, but neither direction ever holds a ``[B, T, V]`` fp32 tensor: the
-    forward keeps only the logits (which exist anyway) and the backward recomputes each block's softmax, writing
-    ``d/dx = scatter(g, index) - softmax(x) * sum(g)`` straight into one gradient of the logits' own shape and dtype
-    (no slice-backward copy, no fp32 copy of bf16 logits).
+    Forward: ``x[index] - logsumexp(x)`` per block; only the logits (which exist anyway) and the ``[B, T-1]``
+    log-normalisers are kept. Backward: ``d/dx = scatter(g, index) - exp(x - logsumexp(x)) * sum(g)`` per block,
+    written straight into one gradient of the logits' own shape and dtype (no slice-backward copy, no fp32 copy of
+    bf16 logits). Neither direction ever holds a ``[B, T, V]`` fp32 tensor, and it makes fewer passes over the
+    vocabulary than autograd through ``log_softmax`` (2 + 2 instead of 3 + 2).
     """
 
     @staticmethod
     def forward(ctx, logits, index, block_elements):
-        out = torch.empty(index.shape, dtype=compute_dtype(logits.dtype), device=logits.device)
+        dtype = compute_dtype(logits.dtype)
+        out = torch.empty(index.shape, dtype=dtype, device=logits.device)
+        lse = torch.empty(logits.size(0), logits.size(1) - 1, dtype=dtype, device=logits.device)
         for bs, ts in _predicting_blocks(logits, block_elements):
-            out[bs, ts] = torch.log_softmax(upcast(logits[bs, ts]), dim=-1).gather(-1, index[bs, ts])
-        ctx.save_for_backward(logits, index)
+            block = upcast(logits[bs, ts])
+            lse[bs, ts] = torch.logsumexp(block, dim=-1)
+            out[bs, ts] = block.gather(-1, index[bs, ts]) - lse[bs, ts].unsqueeze(-1)
+        ctx.save_for_backward(logits, index, lse)
         ctx.block_elements = block_elements
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        logits, index = ctx.saved_tensors
-        grad_logits = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        logits, index, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        grad_logits[:, -1].zero_()  # the last position predicts nothing
         for bs, ts in _predicting_blocks(logits, ctx.block_elements):
             g = grad[bs, ts]
-            softmax = torch.log_softmax(upcast(logits[bs, ts]), dim=-1).exp_()
+            softmax = upcast(logits[bs, ts]).sub(lse[bs, ts].unsqueeze(-1)).exp_()
             grad_logits[bs, ts] = softmax.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, index[bs, ts], g)
         return grad_logits, None, None
 
@@ -119,9 +125,10 @@ class _NextTokenKL(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         logits, ref_logprobs = ctx.saved_tensors
-        grad_logits = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        grad_logits[:, -1].zero_()  # the last position predicts nothing
         for bs, ts in _predicting_blocks(logits, ctx.block_elements):
-            softmax = torch.log_softmax(upcast(logits[bs, ts]), dim=-1).exp_()
+            softmax = torch.softmax(upcast(logits[bs, ts]), dim=-1)
             p0 = ref_logprobs[bs, ts].to(softmax.dtype).exp()
             g = grad[bs, ts].unsqueeze(-1)
             grad_logits[bs, ts] = softmax.mul_(p0.sum(-1, keepdim=True)).sub_(p0).mul_(g)
