@@ -27,7 +27,7 @@ from .data import (StreamSampler, collate, load_documents, tokenize_and_chunk, w
                    write_text_atomic)
 from .methods import build_method, select_trainable, term_weights
 from .methods.base import StreamOutputs
-from .methods.terms import chunk_nll
+from .methods.terms import chunk_nll, split_streams
 from .zero import load_zero_json, resolve
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def fused_forward(engine, method, streams: dict[str, dict], reference=None) -> d
     sizes = [streams[n]["input_ids"].size(0) for n in names]
     fused = {k: torch.cat([streams[n][k] for n in names]) for k in ("input_ids", "attention_mask", "labels")}
     out = E.forward(engine, fused, output_hidden_states=method.needs_hidden_states)
-    logits = out.logits.split(sizes)
+    logits = split_streams(out.logits, sizes)  # one shared gradient for all streams' rows
     hidden = [h.split(sizes) for h in out.hidden_states] if method.needs_hidden_states else None
     dev = out.logits.device
     outputs = {}

@@ -65,6 +65,88 @@ def _predicting_blocks(logits: torch.Tensor, block_elements: int | None) -> list
     return row_blocks(batch, seq - 1, vocab, block_elements or default_block_elements(logits.device))
 
 
+class SharedLogitsGradient:
+    """One gradient tensor for the fused ``[B, T, V]`` logits that every stream's loss writes its rows into.
+
+    Without it, each stream's loss allocates a gradient of its own rows and autograd's split-backward then concatenates
+    them into a new full-size tensor: two logits-sized gradients alive at once instead of one. Rows are handed out once
+    per backward (``claim``); a second term on the same stream gets a fresh tensor and autograd adds the two as usual.
+    """
+
+    def __init__(self, fused: torch.Tensor):
+        self.shape, self.dtype, self.device = fused.shape, fused.dtype, fused.device
+        self.buffer, self.claimed = None, set()
+
+    def rows(self, start: int, length: int) -> torch.Tensor:
+        if self.buffer is None:
+            self.buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self.buffer.narrow(0, start, length)
+
+    def claim(self, start: int, length: int) -> torch.Tensor | None:
+        if start in self.claimed:
+            return None
+        self.claimed.add(start)
+        return self.rows(start, length)
+
+    def take(self) -> torch.Tensor:
+        buffer, self.buffer, self.claimed = self.buffer, None, set()
+        return buffer
+
+
+class _SplitStreams(torch.autograd.Function):
+    """``fused.split(sizes)`` whose backward hands back the shared gradient the streams' losses wrote into."""
+
+    @staticmethod
+    def forward(ctx, fused, sizes, shared):
+        ctx.sizes, ctx.shared = sizes, shared
+        return tuple(fused.split(sizes))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        start = 0
+        for size, grad in zip(ctx.sizes, grads):
+            rows = ctx.shared.rows(start, size)
+            if grad is None:
+                rows.zero_()
+            elif grad.data_ptr() != rows.data_ptr() or grad.stride() != rows.stride():
+                rows.copy_(grad)  # a gradient written elsewhere (another op, or a second term on this stream)
+            start += size
+        return ctx.shared.take(), None, None
+
+
+def split_streams(fused_logits: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """Per-stream row slices of the fused forward's logits, as ``split`` gives them, but backed by one shared
+    gradient (``SharedLogitsGradient``): the losses in this module write their gradient straight into it."""
+    if not fused_logits.requires_grad:
+        return tuple(fused_logits.split(sizes))
+    shared = SharedLogitsGradient(fused_logits)
+    parts = _SplitStreams.apply(fused_logits, list(sizes), shared)
+    start = 0
+    for part, size in zip(parts, sizes):
+        part._dsunlearn_shared_gradient = (shared, start)
+        start += size
+    return parts
+
+
+def _gradient_target(ctx, logits: torch.Tensor):
+    """Remember (in ``ctx``) where the backward should write d loss / d logits."""
+    ctx.shared_gradient = getattr(logits, "_dsunlearn_shared_gradient", None)
+
+
+def _new_gradient(ctx, logits: torch.Tensor) -> torch.Tensor:
+    """The tensor the backward fills: this stream's rows of the shared gradient when they are free, else a new one.
+    Every position is written by the caller except the last, which is zeroed here."""
+    grad = None
+    if ctx.shared_gradient is not None:
+        shared, start = ctx.shared_gradient
+        grad = shared.claim(start, logits.size(0))
+    if grad is None:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad[:, -1].zero_()  # the last position predicts nothing
+    return grad
+
+
 class _NextTokenLogSoftmaxGather(torch.autograd.Function):
     """``log_softmax(logits[:, :-1])`` gathered at ``index`` (``[B, T-1, K]``), in fp32, one row block at a time.
 
@@ -86,14 +168,14 @@ class _NextTokenLogSoftmaxGather(torch.autograd.Function):
             out[bs, ts] = block.gather(-1, index[bs, ts]) - lse[bs, ts].unsqueeze(-1)
         ctx.save_for_backward(logits, index, lse)
         ctx.block_elements = block_elements
+        _gradient_target(ctx, logits)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         logits, index, lse = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        grad_logits[:, -1].zero_()  # the last position predicts nothing
+        grad_logits = _new_gradient(ctx, logits)
         for bs, ts in _predicting_blocks(logits, ctx.block_elements):
             g = grad[bs, ts]
             softmax = upcast(logits[bs, ts]).sub(lse[bs, ts].unsqueeze(-1)).exp_()
@@ -119,14 +201,14 @@ class _NextTokenKL(torch.autograd.Function):
             out[bs, ts] = (lp0.exp() * (lp0 - logp)).sum(-1)
         ctx.save_for_backward(logits, ref_logprobs)
         ctx.block_elements = block_elements
+        _gradient_target(ctx, logits)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         logits, ref_logprobs = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        grad_logits[:, -1].zero_()  # the last position predicts nothing
+        grad_logits = _new_gradient(ctx, logits)
         for bs, ts in _predicting_blocks(logits, ctx.block_elements):
             softmax = torch.softmax(upcast(logits[bs, ts]), dim=-1)
             p0 = ref_logprobs[bs, ts].to(softmax.dtype).exp()

@@ -118,3 +118,34 @@ def test_no_full_vocabulary_tensor_is_saved_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _plain_logprobs(logits, labels)
     assert any(numel >= B * (T - 1) * V and ptr not in allowed for numel, ptr in saved)
+
+
+def _stream_losses(parts, labels, lp0, case):
+    forget, retain = parts
+    if case == "ga_gd":
+        return -chunk_nll(forget, labels[:1]).mean() + chunk_nll(retain, labels[1:]).mean()
+    if case == "two_terms_one_stream":  # the second term on `retain` cannot reuse the claimed rows
+        return (chunk_nll(retain, labels[1:]).mean() + kl_to_reference(retain, labels[1:], lp0[1:])
+                - chunk_nll(forget, labels[:1]).mean())
+    if case == "plain_op_and_unused_stream":  # a loss outside terms.py; forget gets no gradient at all
+        return retain.float().square().mean()
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["ga_gd", "two_terms_one_stream", "plain_op_and_unused_stream"])
+def test_shared_stream_gradient_equals_split(case):
+    from dsunlearn.methods.terms import split_streams
+    logits, labels, ref = _inputs(torch.float32)
+    logits, labels = logits[:2].detach().requires_grad_(), labels[:2]
+    lp0 = reference_distribution(ref[:2].float())[0]
+    expected, = torch.autograd.grad(_stream_losses(logits.split([1, 1]), labels, lp0, case), logits)
+    parts = split_streams(logits, [1, 1])
+    part_grads = {}
+    for i, part in enumerate(parts):
+        part.register_hook(lambda g, i=i: part_grads.__setitem__(i, None if g is None else g.data_ptr()))
+    got, = torch.autograd.grad(_stream_losses(parts, labels, lp0, case), logits)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+    if case == "ga_gd":  # each stream's loss wrote its rows of the one gradient that reached the logits: no copy
+        row_bytes = got.stride(0) * got.element_size()
+        assert part_grads == {0: got.data_ptr(), 1: got.data_ptr() + row_bytes}
+        assert torch.equal(got, expected)
