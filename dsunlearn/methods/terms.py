@@ -129,8 +129,11 @@ def split_streams(fused_logits: torch.Tensor, sizes: list[int]) -> tuple[torch.T
     return parts
 
 
-def _gradient_target(ctx, logits: torch.Tensor):
-    """Remember (in ``ctx``) where the backward should write d loss / d logits."""
+def _save_for_blocked_backward(ctx, block_elements, logits: torch.Tensor, *others: torch.Tensor) -> None:
+    """What a blocked backward needs: the logits (and ``others``), the block size, and where to write d loss / d logits
+    (this stream's rows of the shared gradient, when the logits came from ``split_streams``)."""
+    ctx.save_for_backward(logits, *others)
+    ctx.block_elements = block_elements
     ctx.shared_gradient = getattr(logits, "_dsunlearn_shared_gradient", None)
 
 
@@ -166,9 +169,7 @@ class _NextTokenLogSoftmaxGather(torch.autograd.Function):
             block = upcast(logits[bs, ts])
             lse[bs, ts] = torch.logsumexp(block, dim=-1)
             out[bs, ts] = block.gather(-1, index[bs, ts]) - lse[bs, ts].unsqueeze(-1)
-        ctx.save_for_backward(logits, index, lse)
-        ctx.block_elements = block_elements
-        _gradient_target(ctx, logits)
+        _save_for_blocked_backward(ctx, block_elements, logits, index, lse)
         return out
 
     @staticmethod
@@ -199,9 +200,7 @@ class _NextTokenKL(torch.autograd.Function):
             logp = torch.log_softmax(upcast(logits[bs, ts]), dim=-1)
             lp0 = ref_logprobs[bs, ts].to(dtype)
             out[bs, ts] = (lp0.exp() * (lp0 - logp)).sum(-1)
-        ctx.save_for_backward(logits, ref_logprobs)
-        ctx.block_elements = block_elements
-        _gradient_target(ctx, logits)
+        _save_for_blocked_backward(ctx, block_elements, logits, ref_logprobs)
         return out
 
     @staticmethod
