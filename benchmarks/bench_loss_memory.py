@@ -11,7 +11,9 @@ reports ``VmHWM`` minus the RSS before the forward, in units of one ``[T, V]`` f
 
 - nll: ``terms.chunk_nll`` vs ``log_softmax(logits.float()).gather(...)``, the usual formula;
 - kl_exact: ``terms.kl_to_reference`` with theta_0's full distribution vs ``sum p0 (log p0 - log_softmax(x))``;
-- kl_top64: the same with theta_0's top-64 vs the whole-tensor top-k form.
+- kl_top64: the same with theta_0's top-64 vs the whole-tensor top-k form;
+- ga_gd_fused: GA+GD on a fused batch of 1 forget + 1 retain chunk (``[2, T, V]`` logits), the way the loop runs
+  it: ``terms.split_streams`` (one shared gradient) + ``chunk_nll`` per stream vs ``split`` + the usual formula.
 Both implementations agree on value and gradient (asserted in ``tests/unit/test_blocked_loss_math.py``).
 """
 from __future__ import annotations
@@ -22,6 +24,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+
+TERMS = ("nll", "kl_exact", "kl_top64", "ga_gd_fused")
 
 
 def _hwm_mib() -> tuple[float, float]:
@@ -47,15 +52,25 @@ def cell(term: str, impl: str, seq_len: int, vocab: int, dtype: str) -> dict:
     import torch
     from dsunlearn.methods import terms
     torch.manual_seed(0)
-    logits = torch.randn(1, seq_len, vocab, dtype=getattr(torch, dtype)).requires_grad_()
-    labels = torch.randint(0, vocab, (1, seq_len))
+    rows = 2 if term == "ga_gd_fused" else 1
+    logits = torch.randn(rows, seq_len, vocab, dtype=getattr(torch, dtype)).requires_grad_()
+    labels = torch.randint(0, vocab, (rows, seq_len))
     ref = None
-    if term != "nll":
+    if term.startswith("kl"):
         with torch.no_grad():
             ref = terms.reference_distribution(torch.randn(1, seq_len, vocab), None if term == "kl_exact" else 64)
     before, _ = _hwm_mib()
     Path("/proc/self/clear_refs").write_text("5")
-    if term == "nll":
+    if term == "ga_gd_fused":
+        def nll(part, lab):
+            return -part[:, :-1].float().log_softmax(-1).gather(-1, lab[:, 1:, None]).mean()
+        if impl == "blocked":
+            forget, retain = terms.split_streams(logits, [1, 1])
+            loss = -terms.chunk_nll(forget, labels[:1]).mean() + terms.chunk_nll(retain, labels[1:]).mean()
+        else:
+            forget, retain = logits.split([1, 1])
+            loss = -nll(forget, labels[:1]) + nll(retain, labels[1:])
+    elif term == "nll":
         if impl == "blocked":
             loss = terms.chunk_nll(logits, labels).mean()
         else:
@@ -83,7 +98,7 @@ def main() -> None:
     unit = args.seq_len * args.vocab * 4 / 2**20
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     results = {}
-    for term in ("nll", "kl_exact", "kl_top64"):
+    for term in TERMS:
         for impl in ("whole", "blocked"):
             out = subprocess.run([sys.executable, __file__, "--seq-len", str(args.seq_len), "--vocab", str(args.vocab),
                                   "--dtype", args.dtype, "--cell", term, impl],
@@ -94,7 +109,7 @@ def main() -> None:
           f"unit U = one [T, V] fp32 tensor = {unit:.0f} MiB\n")
     print("| term | whole-tensor formula: MiB (U) | row-blocked: MiB (U) | blocked / whole |")
     print("|---|---|---|---|")
-    for term in ("nll", "kl_exact", "kl_top64"):
+    for term in TERMS:
         w, b = results[term, "whole"], results[term, "blocked"]
         print(f"| {term} | {w:.0f} ({w / unit:.2f}) | {b:.0f} ({b / unit:.2f}) | {b / w:.2f} |")
 
