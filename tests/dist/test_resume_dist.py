@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -25,14 +26,27 @@ def _launcher():
     return deepspeed_launcher(2)
 
 
-def test_sigkill_then_resume_equals_uninterrupted(toy_world, tmp_path):
+CASES = {
+    "ga_gd": {},
+    # theta_0's cache deleted after the kill: the resume must rebuild it from theta_0 (before loading the checkpoint),
+    # not from the half-unlearned weights, or the KL targets and so the final weights would differ.
+    "ga_kl_cache": {"method": {"name": "ga_kl"}, "reference": {"mode": "cache", "topk": 8}},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sigkill_then_resume_equals_uninterrupted(toy_world, tmp_path, case):
     common = dict(train={"micro_batch_size": 2, "num_steps": NUM_STEPS, "lr": 2e-3, "warmup_ratio": 0.1},
-                  checkpoint={"every_n_steps": 5}, data={"approximate": None, "general": None})
+                  checkpoint={"every_n_steps": 5}, data={"approximate": None, "general": None}, **CASES[case])
+    if "reference" in common:
+        common["reference"] = {**common["reference"], "cache_dir": str(tmp_path / "cache_full")}
     full = write_run_config(tmp_path / "full.json", toy_world, tmp_path / "full", **common)
     p = run_cli(["unlearn", "--config", str(full), "--zero", CPU_ZERO3], launcher=_launcher())
     assert p.returncode == 0, p.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
+    if "reference" in common:
+        common["reference"] = {**common["reference"], "cache_dir": str(tmp_path / "cache_killed")}
     cfg = write_run_config(tmp_path / "killed.json", toy_world, killed_dir, **common)
     cmd = _launcher() + ["--module", "dsunlearn", "unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]
     proc = subprocess.Popen(cmd, env=launch_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -49,6 +63,9 @@ def test_sigkill_then_resume_equals_uninterrupted(toy_world, tmp_path):
     step_at_kill = json.loads(latest.read_text())["step"]
     assert 5 <= step_at_kill < NUM_STEPS
     assert not (killed_dir / "model").exists()
+    if "reference" in common:
+        assert any((tmp_path / "cache_killed").iterdir())
+        shutil.rmtree(tmp_path / "cache_killed")
 
     p = run_cli(["unlearn", "--resume", str(killed_dir)], launcher=_launcher())
     assert p.returncode == 0, p.stderr[-3000:]
