@@ -43,7 +43,7 @@ from .data import sha256_file
 from .data import collate, rank_batches, write_json_atomic, write_text_atomic
 from .methods.base import ReferenceOutputs
 from .methods.terms import (IGNORE_INDEX, adversarial_targets, reference_distribution, sequence_logprob,
-                            shift_for_next_token)
+                            next_token_targets)
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def _compute_fn(kind: str, topk: Optional[int], hidden_index: Optional[int]):
         values = {k: v for k, v in vars(ref).items() if v is not None}
         if "topk_ids" in values:
             values["topk_ids"] = values["topk_ids"].to(torch.int32)
-            _, _, mask = shift_for_next_token(out.logits[:, :, :1], labels)
+            mask = next_token_targets(labels)[1].to(values["rest_logmass"].dtype)
             rest = values["rest_logmass"][:, :-1].exp() * mask
             values.update(_stat_rest_sum=rest.sum(-1), _stat_count=mask.sum(-1), _stat_rest_max=rest.amax(-1))
         return values

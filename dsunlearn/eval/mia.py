@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from dsunlearn.methods.terms import chunk_nll, default_block_elements, row_blocks, shift_for_next_token
+from dsunlearn.methods.terms import chunk_nll, row_blocks, shift_for_next_token
 
 MIN_K_PERCENTS = (10, 20, 30, 40, 50, 60)
 """The k values (in percent) reported by both Min-K% papers."""
@@ -64,8 +64,7 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, block_elements: i
     batch, num_pos, vocab = shifted.shape
     out = [torch.zeros(batch, num_pos, dtype=torch.float32, device=logits.device) for _ in range(2)]
     correct = torch.zeros(batch, num_pos, dtype=torch.bool, device=logits.device)
-    blocks = row_blocks(batch, num_pos, vocab, block_elements or default_block_elements(logits.device))
-    for bs, ts in blocks:
+    for bs, ts in row_blocks(batch, num_pos, vocab, block_elements, logits.device):
         block, target = shifted[bs, ts], targets[bs, ts]
         logp = torch.log_softmax(block.float(), dim=-1)
         picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)

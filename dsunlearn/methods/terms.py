@@ -27,16 +27,22 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(compute_dtype(x.dtype))
 
 
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(targets, mask)``, both ``[B, T-1]``: the token each position predicts (``labels[:, 1:]``, ignored ones
+    replaced by 0 so they can be gathered safely) and a bool mask of the targets that count."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return targets.masked_fill(~mask, 0), mask
+
+
 def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Align logits with the token each position predicts.
 
-    Returns ``(logits[:, :-1], targets[:, 1:], mask)`` where ``mask`` is a float ``[B, T-1]`` tensor with 1 where the
-    target counts. Ignored targets are replaced by 0 so they can be gathered safely; the mask removes them.
+    Returns ``(logits[:, :-1], targets, mask)`` as ``next_token_targets`` gives them, the mask as a float tensor in the
+    logits' dtype.
     """
-    shifted_logits = logits[:, :-1, :]
-    targets = labels[:, 1:]
-    mask = (targets != IGNORE_INDEX)
-    return shifted_logits, targets.masked_fill(~mask, 0), mask.to(shifted_logits.dtype)
+    targets, mask = next_token_targets(labels)
+    return logits[:, :-1, :], targets, mask.to(logits.dtype)
 
 
 def default_block_elements(device: torch.device) -> int:
@@ -46,11 +52,12 @@ def default_block_elements(device: torch.device) -> int:
     return 2**20 if device.type == "cpu" else 2**26
 
 
-def row_blocks(batch: int, num_pos: int, vocab: int, block_elements: int) -> list[tuple[slice, slice]]:
+def row_blocks(batch: int, num_pos: int, vocab: int, block_elements: int | None,
+               device: torch.device) -> list[tuple[slice, slice]]:
     """``(batch slice, position slice)`` blocks covering ``[batch, num_pos]`` with about ``block_elements`` logit
-    entries each: whole chunks per block when a chunk fits, else slices of one chunk. Per-row math never depends on
-    the blocking, so results are the same for every block size."""
-    rows = max(1, block_elements // max(vocab, 1))
+    entries each (None: ``default_block_elements(device)``): whole chunks per block when a chunk fits, else slices of
+    one chunk. Per-row math never depends on the blocking, so results are the same for every block size."""
+    rows = max(1, (block_elements or default_block_elements(device)) // max(vocab, 1))
     if num_pos == 0 or batch == 0:
         return []
     if num_pos <= rows:
@@ -62,7 +69,7 @@ def row_blocks(batch: int, num_pos: int, vocab: int, block_elements: int) -> lis
 def _predicting_blocks(logits: torch.Tensor, block_elements: int | None) -> list[tuple[slice, slice]]:
     """Blocks over the positions that predict a next token (all but the last) of ``[B, T, V]`` logits."""
     batch, seq, vocab = logits.shape
-    return row_blocks(batch, seq - 1, vocab, block_elements or default_block_elements(logits.device))
+    return row_blocks(batch, seq - 1, vocab, block_elements, logits.device)
 
 
 class SharedLogitsGradient:
@@ -231,7 +238,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor,
     loss differences between methods live in. Computed in row blocks, so the only full-vocabulary tensors are the
     logits and, in the backward, their gradient.
     """
-    _, targets, mask = shift_for_next_token(logits[:, :, :1], labels)
+    targets, mask = next_token_targets(labels)
     picked = next_token_logprobs_at(logits, targets.unsqueeze(-1), block_elements).squeeze(-1)
     mask = mask.to(picked.dtype)
     return picked * mask, mask
@@ -295,7 +302,7 @@ def reference_distribution(logits: torch.Tensor, topk: int | None = None, block_
         values = torch.empty(batch, seq, topk, dtype=dtype, device=logits.device)
         ids = torch.empty(batch, seq, topk, dtype=torch.long, device=logits.device)
         rest = torch.empty(batch, seq, dtype=dtype, device=logits.device)
-    for bs, ts in row_blocks(batch, seq, vocab, block_elements or default_block_elements(logits.device)):
+    for bs, ts in row_blocks(batch, seq, vocab, block_elements, logits.device):
         logp = torch.log_softmax(upcast(logits[bs, ts]), dim=-1)
         # A token theta_0 gives probability 0 would make exp(-inf) * (-inf - x) = NaN in the KL; in place: no copy.
         logp.clamp_(min=torch.finfo(logp.dtype).min)
@@ -323,7 +330,7 @@ def kl_to_reference(logits: torch.Tensor, labels: torch.Tensor, ref_logprobs: to
     ``ref_logprobs`` must be finite (``reference_distribution`` clamps them). Both forms run in row blocks: no
     full-vocabulary fp32 tensor is created besides the reference's own.
     """
-    _, _, mask = shift_for_next_token(logits[:, :, :1], labels)
+    _, mask = next_token_targets(labels)
     if ref_ids is None:
         per_position = _NextTokenKL.apply(logits, ref_logprobs, block_elements)
     else:

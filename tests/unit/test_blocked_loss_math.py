@@ -38,7 +38,7 @@ def test_row_blocks_cover_every_position_once():
     for batch, num_pos, vocab, budget in [(3, 6, 11, 1), (3, 6, 11, 30), (3, 6, 11, 66), (3, 6, 11, 10**6),
                                           (1, 0, 5, 10), (4, 5, 3, 21)]:
         seen = torch.zeros(batch, num_pos, dtype=torch.long)
-        for bs, ts in row_blocks(batch, num_pos, vocab, budget):
+        for bs, ts in row_blocks(batch, num_pos, vocab, budget, torch.device("cpu")):
             seen[bs, ts] += 1
         assert (seen == 1).all(), (batch, num_pos, vocab, budget)
 
