@@ -2,9 +2,12 @@
 
     make demo && python benchmarks/demo_ratio.py [--run runs/demo]
 
-FLOPs are analytic (dsunlearn.cost, every pass counted, padded positions included for both); seconds are measured:
-the twin's pretraining wall time from dsunlearn/demo/pretrained/pair.json (built side by side with the original on a
-2-core machine, one core each) and the unlearning run's optimizer-step time and wall time from its summary.json.
+FLOPs are analytic (dsunlearn.cost, every pass counted, padded positions included for both). Both sides are
+``train_flops`` of the same shape, so they count the same weights (non-embedding + the logits matrix, attention at the
+demo's seq_len): the twin's FLOPs are its real pretraining passes, not the ``6 * N * D`` lower bound.
+Seconds are measured: the twin's pretraining wall time from dsunlearn/demo/pretrained/pair.json (built side by side
+with the original on a 2-core machine, one core each) and the unlearning run's optimizer-step time and wall time from
+its summary.json.
 """
 from __future__ import annotations
 

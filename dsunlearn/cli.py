@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 from .config import ConfigError, load_run_config, describe, to_dict
+from .logs import setup_logging
 
 EXIT_USAGE = 2
 
@@ -90,13 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging() -> None:
-    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("DeepSpeed", "torch.distributed", "datasets", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _load_configs(args):
     """(run config, ZeRO JSON path); --resume reads both from the run directory."""
     if not args.resume:
@@ -136,18 +129,11 @@ def cmd_unlearn(args) -> int:
 
 
 def dry_run(cfg, zero_path: str, world_size: int) -> int:
-    """Everything a launch would check before the process group exists."""
-    from . import engine as E
-    from .loop import load_stream, resolve_configs, stream_sources
-    from .methods import build_method
-    ds_config = resolve_configs(cfg, zero_path, world_size)
-    method = build_method(cfg.method)
-    E.check_model_dir(cfg)
-    tokenizer = E.load_tokenizer(cfg)
-    E.check_model_tokenizer(E.load_model_config(cfg), tokenizer, cfg.data.seq_len)
-    for name, path in stream_sources(cfg, method.streams).items():
-        load_stream(name, path, cfg, tokenizer)
-    print(json.dumps({"run_config": to_dict(cfg), "zero_config": ds_config, "world_size": world_size}, indent=2))
+    """Everything a launch checks before it starts (``prepare``), without a process group or any weights."""
+    from .prepare import prepare
+    p = prepare(cfg, zero_path, world_size)
+    print(json.dumps({"run_config": to_dict(cfg), "zero_config": p.ds_config, "world_size": world_size,
+                      "num_steps": p.num_steps}, indent=2))
     return 0
 
 
@@ -201,10 +187,6 @@ def cmd_methods(args) -> int:
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         print(f"{name:14s} {doc}")
     return 0
-
-
-COMMANDS = {"unlearn": cmd_unlearn, "pretrain": cmd_pretrain, "eval": cmd_eval, "demo": cmd_demo,
-            "lm-eval": cmd_lm_eval, "methods": cmd_methods, "sweep": cmd_sweep}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,7 +278,8 @@ def cmd_model(args) -> int:
     return 0
 
 
-COMMANDS.update(data=cmd_data, model=cmd_model)
+COMMANDS = {"unlearn": cmd_unlearn, "pretrain": cmd_pretrain, "eval": cmd_eval, "demo": cmd_demo,
+            "lm-eval": cmd_lm_eval, "methods": cmd_methods, "sweep": cmd_sweep, "data": cmd_data, "model": cmd_model}
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:
@@ -322,7 +305,7 @@ def main(argv=None) -> int:
         args = argparse.Namespace(command="demo", demo_args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
-    _setup_logging()
+    setup_logging()
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:

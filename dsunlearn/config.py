@@ -17,6 +17,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from .cost import KNOWN_PRETRAINING
+from .schedule import SCHEDULES
+
 
 class ConfigError(ValueError):
     """A user-caused configuration problem. The CLI prints it on one line and exits with code 2."""
@@ -124,11 +127,14 @@ class TrainConfig:
     """Seed for data order, random labels and initialisation of anything random."""
 
 
+EVAL_SPLITS = ("forget", "retain", "approximate", "general")
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     every_n_steps: int = 0
     """Evaluate every N optimizer steps during unlearning (0 = only before and after)."""
-    splits: tuple = ("forget", "retain", "approximate", "general")
+    splits: tuple = EVAL_SPLITS
     """Splits evaluated (those without data are skipped)."""
     max_chunks: Optional[int] = None
     """Evaluate at most this many chunks per split (None = all)."""
@@ -158,7 +164,11 @@ class GuardConfig:
     forget_loss_ceiling: Optional[float] = None
     """Stop when the forget loss exceeds this (nats): gradient ascent is unbounded. None = no ceiling."""
     stop_on_nonfinite: bool = True
-    """Stop cleanly on a NaN/inf loss or gradient norm, keeping the last good weights."""
+    """Stop cleanly after ``max_consecutive_skips`` optimizer steps in a row were skipped for a non-finite gradient
+    (DeepSpeed discards such a step and keeps the weights), exporting the last good weights; exit code 3."""
+    max_consecutive_skips: int = 5
+    """Skipped steps in a row that end the run. One skipped step (an fp16 overflow while the loss scale settles, one
+    bad micro-batch) is logged (``skipped_steps``) and the run goes on."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,7 +182,8 @@ class CheckpointConfig:
 @dataclass(frozen=True, kw_only=True)
 class CostConfig:
     pretrain_tokens: Optional[float] = None
-    """Tokens the model was pretrained on (D in the retraining estimate 6*N*D); None = no retraining comparison."""
+    """Tokens the model was pretrained on (D in the retraining estimate 6*N*D, N the matmul weights: non-embedding
+    plus the d*V logits matrix, as on the unlearning side); None = no retraining comparison."""
     known_model: Optional[str] = None
     """Or a key of dsunlearn.cost.KNOWN_PRETRAINING (e.g. "yi-6b"): a convenience table, not a source of truth."""
 
@@ -333,7 +344,7 @@ def validate(cfg: RunConfig) -> None:
     t = cfg.train
     checks = [
         (t.lr > 0, "train.lr: expected > 0"),
-        (t.schedule in ("cosine", "constant"), f"train.schedule: expected 'cosine' or 'constant', got {t.schedule!r}"),
+        (t.schedule in SCHEDULES, f"train.schedule: expected one of {list(SCHEDULES)}, got {t.schedule!r}"),
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio: expected 0 <= x < 1"),
         (t.micro_batch_size >= 1, "train.micro_batch_size: expected >= 1"),
         (t.grad_accum >= 1, "train.grad_accum: expected >= 1"),
@@ -358,7 +369,21 @@ def validate(cfg: RunConfig) -> None:
         (cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps: expected >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: expected >= 1"),
         (cfg.eval.every_n_steps >= 0, "eval.every_n_steps: expected >= 0"),
+        (cfg.guard.max_consecutive_skips >= 1, "guard.max_consecutive_skips: expected >= 1"),
         (bool(cfg.output.run_dir), "output.run_dir: expected a directory path"),
+    ]
+    e, c = cfg.eval, cfg.cost
+    rule_on = e.stop_tolerance > 0
+    checks += [
+        (set(e.splits) <= set(EVAL_SPLITS),
+         f"eval.splits: expected names from {list(EVAL_SPLITS)}, got {list(e.splits)}"),
+        (e.micro_batch_size >= 1, "eval.micro_batch_size: expected >= 1"),
+        (e.max_chunks is None or e.max_chunks >= 1, "eval.max_chunks: expected >= 1 or null"),
+        (e.stop_tolerance >= 0, "eval.stop_tolerance: expected >= 0"),
+        (not rule_on or "forget" in e.splits, "eval.stop_tolerance: the stop rule needs 'forget' in eval.splits"),
+        (c.pretrain_tokens is None or c.pretrain_tokens > 0, "cost.pretrain_tokens: expected > 0 or null"),
+        (c.known_model is None or c.known_model in KNOWN_PRETRAINING,
+         f"cost.known_model: unknown {c.known_model!r}; known: {', '.join(sorted(KNOWN_PRETRAINING))}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -21,8 +21,14 @@ its cost follows the query heads). Like nanoGPT, PaLM, Chinchilla and ``torch.ut
 discounted and element-wise work (norms, softmax, rotary, activations, the loss) is ignored. These are *model* FLOPs:
 recomputation (activation checkpointing, flash-attention backward) is not counted.
 
-The retraining cost is the usual ``6 * N * D`` (Kaplan et al. 2020, section 2.1; Chinchilla's ``C = 6ND``) with the
-published total parameter count ``N`` and pretraining tokens ``D``.
+The retraining cost is ``6 * N_mm * D`` for ``D`` pretraining tokens, with ``N_mm = (N - N_emb) + d * V``
+(:attr:`ModelShape.num_matmul_params`): the same weights the unlearning side counts per token, so one parameter
+convention holds on both sides of the ratio. It is Kaplan et al.'s ``C = 6ND`` (2020, section 2.1, ``N`` non-embedding)
+plus the logits matmul (their Table 1 "De-embed" row), without the attention term. Counting the whole ``N`` instead
+would add ``6 * V * d * D`` FLOPs for an input table that is only indexed (+4.5% for Yi-6B, more than the attention
+it leaves out when pretraining at ``T`` below ~1k). Attention is left out, rather than taken from ``train_flops`` at
+the pretraining context, because model cards rarely give one context length (Yi and Llama 3 extend it in a last
+stage); without it the estimate is a lower bound at any context, and so is the ratio (see :func:`retrain_flops`).
 """
 from __future__ import annotations
 
@@ -232,6 +238,8 @@ def step_flops(shape: ModelShape, seq_len: int, passes: Iterable[Pass]) -> dict[
 KNOWN_PRETRAINING: dict[str, tuple[float, float]] = {
     # name: (total parameters, pretraining tokens), from model cards / papers. A convenience, not a source of truth:
     # token counts are often rounded or lower bounds ("over 15T"); cite the model card next to any number you report.
+    # The retraining estimate uses only D: its N comes from the model's own shape (ModelShape.num_matmul_params),
+    # not from this total, which also counts the input embedding table.
     "yi-6b": (6.06e9, 3.0e12),          # model card "3T tokens" (the Yi tech report says 3.1T)
     "llama-2-7b": (6.74e9, 2.0e12),
     "llama-2-13b": (1.30e10, 2.0e12),
@@ -244,24 +252,27 @@ KNOWN_PRETRAINING: dict[str, tuple[float, float]] = {
 }
 
 
-def retrain_flops(num_params: float, pretrain_tokens: float) -> float:
-    """Cost of pretraining from scratch, ``6 * N * D`` (Kaplan et al. 2020; Chinchilla's ``C = 6ND``).
+def retrain_flops(shape: ModelShape, pretrain_tokens: float) -> float:
+    """Cost of pretraining from scratch, ``6 * N_mm * D`` with ``N_mm = shape.num_matmul_params`` (module docstring).
 
-    It ignores the attention term (about +18% for a 6B model at 4k context), so it *under*-estimates retraining and
-    a ratio against :func:`train_flops` (which counts attention) is conservative.
+    ``N_mm`` is the parameter count :func:`train_flops` uses, so against it the only difference is attention, which
+    this leaves out (about +18% for a 6B model pretrained at 4k context, +4.6% at 1k). The estimate therefore
+    *under*-estimates the analytic pretraining cost at any context length, and a ratio against :func:`train_flops`
+    (which counts attention) is a lower bound of the ratio those formulas give: conservative.
     """
-    if num_params <= 0 or pretrain_tokens <= 0:
-        raise ValueError(f"num_params and pretrain_tokens must be positive, got {num_params}, {pretrain_tokens}")
-    return 6 * num_params * pretrain_tokens
+    if pretrain_tokens <= 0:
+        raise ValueError(f"pretrain_tokens must be positive, got {pretrain_tokens}")
+    return 6 * shape.num_matmul_params * pretrain_tokens
 
 
-def retrain_estimate(num_params: float, pretrain_tokens: float, unlearning_flops: float,
+def retrain_estimate(shape: ModelShape, pretrain_tokens: float, unlearning_flops: float,
                      measured_tokens_per_s: float | None = None, *,
                      unlearning_tokens: int | None = None) -> dict[str, float | None]:
-    """Compare retraining from scratch with an unlearning run.
+    """Compare retraining ``shape`` from scratch on ``pretrain_tokens`` with an unlearning run.
 
-    Returns ``retrain_flops`` (``6 * N * D``), ``unlearning_flops``, ``ratio`` (retrain / unlearning) and, when the
-    unlearning throughput was measured, ``unlearning_seconds = unlearning_tokens / measured_tokens_per_s``,
+    Returns ``num_matmul_params`` (the ``N`` of the estimate), ``retrain_flops`` (``6 * N * D``, :func:`retrain_flops`),
+    ``unlearning_flops``, ``ratio`` (retrain / unlearning) and, when the unlearning throughput was measured,
+    ``unlearning_seconds = unlearning_tokens / measured_tokens_per_s``,
     ``achieved_flops_per_s = unlearning_flops / unlearning_seconds`` and ``retrain_seconds = unlearning_seconds * ratio``:
     the time retraining would take on the same hardware at the same sustained FLOP/s (so differences in FLOPs per
     token between the unlearning method and plain pretraining are accounted for). Those three are ``None`` otherwise.
@@ -269,9 +280,10 @@ def retrain_estimate(num_params: float, pretrain_tokens: float, unlearning_flops
     """
     if unlearning_flops <= 0:
         raise ValueError(f"unlearning_flops must be positive, got {unlearning_flops}")
-    retrain = retrain_flops(num_params, pretrain_tokens)
+    retrain = retrain_flops(shape, pretrain_tokens)
     ratio = retrain / unlearning_flops
-    out: dict[str, float | None] = {"retrain_flops": retrain, "unlearning_flops": unlearning_flops, "ratio": ratio,
+    out: dict[str, float | None] = {"num_matmul_params": shape.num_matmul_params, "retrain_flops": retrain,
+                                    "unlearning_flops": unlearning_flops, "ratio": ratio,
                                     "unlearning_seconds": None, "achieved_flops_per_s": None, "retrain_seconds": None}
     if measured_tokens_per_s is not None:
         if measured_tokens_per_s <= 0:
@@ -306,6 +318,6 @@ def run_cost(shape: ModelShape, seq_len: int, per_step: list[Pass], steps: int, 
     out = {"num_params": shape.num_params, "flops_per_step": step, "steps": steps,
            "one_time_forward_flops": one_time, "unlearning_flops": total}
     if pretrain_tokens:
-        out["retrain"] = retrain_estimate(shape.num_params, pretrain_tokens, total, tokens_per_s,
+        out["retrain"] = retrain_estimate(shape, pretrain_tokens, total, tokens_per_s,
                                           unlearning_tokens=unlearning_tokens if tokens_per_s else None)
     return out

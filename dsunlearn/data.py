@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .methods.terms import IGNORE_INDEX
+from .constants import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,33 @@ def write_text_atomic(path, text: str) -> None:
     with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``, kernel >= 4.7)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    # os.umask can only read the mask by setting one: for an instant another thread's new file gets 022.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(directory) -> None:
+    """Give every regular file under ``directory`` the mode ``open()`` would have: ``0o666 & ~umask``.
+
+    safetensors 0.8.0 ``save_file`` (behind ``save_pretrained``) writes through a Rust ``tempfile::NamedTempFile``,
+    created 0600 whatever the umask, and renames it: exported ``model.safetensors`` files were unreadable to the group
+    while every other run-dir file followed the umask. Call it on a directory this process has just written.
+    """
+    mode = 0o666 & ~current_umask()
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 def write_json_atomic(path, data, **dump_kwargs) -> None:
@@ -257,3 +284,43 @@ def rank_batches(num_items: int, batch_size: int, rank: int, world_size: int) ->
     num_batches = math.ceil(math.ceil(num_items / world_size) / batch_size)
     return [mine[b * batch_size:(b + 1) * batch_size] for b in range(num_batches)]
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streams: the tokenised sets a run samples from
+
+@dataclass
+class Stream:
+    """A tokenised set, ready for sampling."""
+    name: str
+    source: str
+    chunks: object  # datasets.Dataset of chunks
+    stats: object
+    fields: dict = field(default_factory=dict)
+    """Per-chunk fields computed once before training (e.g. "random_labels"): name -> (rows -> [len(rows), ...])."""
+
+    def batch(self, indices: list[int], seq_len: int, pad_id: int) -> dict:
+        out = collate(self.chunks[indices]["input_ids"], seq_len, pad_id)
+        out["row"] = torch.as_tensor(indices, dtype=torch.long)  # lets a reference cache find these chunks
+        out.update({name: read(indices) for name, read in self.fields.items()})
+        return out
+
+
+def load_stream(name: str, path: str, data_cfg, tokenizer) -> Stream:
+    """One set of the run config's ``data`` section (``data_cfg``), tokenised and chunked."""
+    docs = load_documents(path, data_cfg.text_field)
+    chunks, stats = tokenize_and_chunk(docs, tokenizer, data_cfg.seq_len, data_cfg.min_chunk_tokens,
+                                       data_cfg.add_eos, data_cfg.num_proc, source=f"data.{name} ({path})")
+    return Stream(name=name, source=path, chunks=chunks, stats=stats)
+
+
+def stream_sources(data_cfg, streams: tuple, method_name: str) -> dict[str, str]:
+    """Which file feeds each stream a method declares (the retain stream reads ``data.retain_source``)."""
+    out = {}
+    for name in streams:
+        key = data_cfg.retain_source if name == "retain" else name
+        path = getattr(data_cfg, key, None)
+        if not path:
+            raise ConfigError(f"data.{key}: required by method {method_name!r} (stream {name!r})")
+        out[name] = path
+    return out

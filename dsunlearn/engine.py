@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 
 from .config import ConfigError, RunConfig
+from .data import follow_umask
+from .schedule import lr_factor
 from .zero import precision, zero_stage
 
 log = logging.getLogger(__name__)
@@ -251,8 +253,7 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def build_train_engine(model, ds_config: dict, cfg: RunConfig, num_steps: int):
-    """deepspeed.initialize with a client AdamW and the warmup + cosine/constant schedule."""
-    import math
+    """deepspeed.initialize with a client AdamW and the warmup + cosine/constant schedule (dsunlearn.schedule)."""
     import deepspeed
 
     t = cfg.train
@@ -262,20 +263,14 @@ def build_train_engine(model, ds_config: dict, cfg: RunConfig, num_steps: int):
     if not params:
         raise ConfigError("no trainable parameters (did a method's parameter pattern match nothing?)")
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
-    num_warmup = max(1, math.ceil(t.warmup_ratio * num_steps)) if t.warmup_ratio > 0 else 0
 
-    def lr_factor(step: int) -> float:
-        # step counts optimizer steps already taken: the first step uses lr_factor(0) = 1/num_warmup, never 0.
-        if step < num_warmup:
-            return (step + 1) / num_warmup
-        if t.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - num_warmup) / max(1, num_steps - num_warmup))
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def factor(step: int) -> float:
+        # A plain function, as before, so LambdaLR.state_dict (hence the checkpoint) stores nothing for it.
+        return lr_factor(step, num_steps, t.warmup_ratio, t.schedule, t.min_lr_ratio)
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor))
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
     return engine
 
 
@@ -317,6 +312,7 @@ def export_hf_model(engine, tokenizer, out_dir: str) -> Optional[str]:
         module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         module.config.use_cache = False
         tokenizer.save_pretrained(tmp)
+        follow_umask(tmp)  # model.safetensors arrives 0600 (data.follow_umask)
         old = out.with_name(out.name + ".old")
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
-from .data import sha256_file
+from .data import follow_umask, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def import_gguf(out_dir: str, gguf_path: Optional[str] = None, overwrite: bool =
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    follow_umask(out)  # model.safetensors arrives 0600 (data.follow_umask)
     timings["save_s"] = round(time.perf_counter() - t1, 1)
 
     info = {"source": str(src), "sha256": sha256_file(src), "class": type(model).__name__,

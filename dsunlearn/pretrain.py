@@ -12,16 +12,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .config import ConfigError, RunConfig
+from .methods.base import Method
 from .methods.terms import token_nll
 
 
 @dataclass(frozen=True, kw_only=True)
-class LanguageModeling:
+class LanguageModeling(Method):
     """Plain next-token descent on the ``train`` stream: loss = NLL(train)."""
     streams: ClassVar = ("train",)
-    term_names: ClassVar = ("train",)
-    reference: ClassVar = {}
-    needs_hidden_states: ClassVar = False
     citation: ClassVar = "standard causal language modelling"
 
     def terms(self, outputs):

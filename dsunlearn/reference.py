@@ -163,7 +163,7 @@ class _EntryWriter:
             tensor = tensor.detach().cpu().contiguous()
             if name not in self.fields:
                 self.fields[name] = {"row_shape": list(tensor.shape[1:]), "dtype": _dtype_name(tensor.dtype)}
-                fd = os.open(self.tmp / f"{name}.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(self.tmp / f"{name}.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
                 row_bytes = tensor[0].numel() * tensor.element_size()
                 os.ftruncate(fd, self.num_rows * row_bytes)
                 self._fds[name] = fd
@@ -216,12 +216,12 @@ def reference_outputs(kind: str, logits: torch.Tensor, labels: torch.Tensor, hid
 
 
 def _check_needs(method) -> tuple[dict, Optional[int]]:
-    needs = dict(getattr(method, "reference", {}) or {})
+    needs = dict(method.reference)
     for stream, kind in needs.items():
         if kind not in REFERENCE_KINDS:
             raise ValueError(f"{type(method).__name__}.reference[{stream!r}] = {kind!r}: expected one of "
                              f"{REFERENCE_KINDS}")
-    hidden_index = getattr(method, "hidden_index", None) if "hidden" in needs.values() else None
+    hidden_index = method.hidden_index if "hidden" in needs.values() else None
     if "hidden" in needs.values() and hidden_index is None:
         raise ValueError(f"{type(method).__name__} needs a 'hidden' reference but has no hidden_index")
     return needs, hidden_index
@@ -271,12 +271,6 @@ class CacheReference:
 # ---------------------------------------------------------------------------------------------------------------------
 # Building entries
 
-def _pass_batch_size(cfg: RunConfig, stream_name: str) -> int:
-    """The per-rank batch of this stream in training: the cache pass then runs the very shapes the reference engine
-    would, so cached and engine outputs agree bit for bit."""
-    return cfg.train.micro_batch_size * (cfg.train.retain_ratio if stream_name != "forget" else 1)
-
-
 def theta0_pass(engine, stream, batch_size: int, seq_len: int, pad_id: int, output_hidden_states: bool,
                 compute: Callable, consume: Callable) -> None:
     """A no-grad pass of ``engine`` over every chunk of ``stream``: rank r takes chunks r, r+W, ...; each batch's
@@ -318,13 +312,22 @@ class _Stats:
                 "positions": int(self.count)}
 
 
-def _compute_fn(kind: str, topk: Optional[int], hidden_index: Optional[int]):
-    """(values to store, statistics) of one batch of theta_0's forward, for one kind of entry."""
+def _compute_fn(kind: str, topk: Optional[int], hidden_index: Optional[int],
+                excluded: Optional[tuple[list[int], int]] = None):
+    """(values to store, statistics) of one batch of theta_0's forward, for one kind of entry.
+
+    ``excluded``: for adversarial labels, (special token ids, tokenizer size). Neither a special token nor an id the
+    tokenizer never produces (rows of a model's vocabulary padded past ``len(tokenizer)``) is a wrong target: the
+    same ids random labels never draw (``_random_label_rows``).
+    """
 
     def compute(out, batch):
         labels = batch["labels"].to(out.logits.device)
         if kind == "adversarial_labels":
-            return {"labels": adversarial_targets(out.logits, labels).to(torch.int32)}
+            special, num_tokens = excluded
+            ids = torch.cat([torch.tensor(special, dtype=torch.long),
+                             torch.arange(num_tokens, out.logits.size(-1), dtype=torch.long)])
+            return {"labels": adversarial_targets(out.logits, labels, ids).to(torch.int32)}
         ref = reference_outputs(kind, out.logits, labels,
                                 out.hidden_states[hidden_index] if kind == "hidden" else None, topk)
         values = {k: v for k, v in vars(ref).items() if v is not None}
@@ -352,21 +355,27 @@ def _random_label_rows(stream, seq_len: int, pad_id: int, tokenizer, seed: int, 
         consume(rows, {"labels": torch.from_numpy(np.where(keep, labels, draws).astype(np.int32))})
 
 
-def ensure_entry(cfg: RunConfig, kind: str, stream_name: str, stream, engine, tokenizer,
+def ensure_entry(cfg: RunConfig, kind: str, stream_name: str, stream, engine, tokenizer, batch_size: int,
                  topk: Optional[int] = None, hidden_index: Optional[int] = None,
                  model_fp: Optional[str] = None) -> tuple[dict, dict[str, RowStore]]:
-    """Reuse or build one cache entry (collective: every rank calls it). Returns (report, field -> RowStore)."""
+    """Reuse or build one cache entry (collective: every rank calls it). Returns (report, field -> RowStore).
+
+    ``batch_size``: the per-rank batch of this stream in training (``Method.stream_batch_size``): the cache pass then
+    runs the very shapes the reference engine would, so cached and engine outputs agree bit for bit."""
     cache_dir = default_cache_dir(cfg)
     seq_len, pad_id = cfg.data.seq_len, tokenizer.pad_token_id
     settings = {"kind": kind, "seq_len": seq_len, "pad_id": pad_id}
+    special = sorted(set(tokenizer.all_special_ids))
     if kind == "random_labels":
-        settings.update(seed=cfg.train.seed, vocab=len(tokenizer), special=sorted(set(tokenizer.all_special_ids)))
+        settings.update(seed=cfg.train.seed, vocab=len(tokenizer), special=special)
     else:
         settings.update(dtype=_dtype_name(next(iter(engine.parameters())).dtype))
     if kind == "logits":
         settings["topk"] = topk
     if kind == "hidden":
         settings["hidden_index"] = hidden_index
+    if kind == "adversarial_labels":  # the excluded ids are part of what the labels mean
+        settings.update(vocab=len(tokenizer), special=special)
     key = path = None
     if E.is_main():
         parts = {"data": chunks_fingerprint(stream.chunks), **settings}
@@ -390,8 +399,8 @@ def ensure_entry(cfg: RunConfig, kind: str, stream_name: str, stream, engine, to
             if E.is_main():
                 _random_label_rows(stream, seq_len, pad_id, tokenizer, cfg.train.seed, consume)
         else:
-            theta0_pass(engine, stream, _pass_batch_size(cfg, stream_name), seq_len, pad_id, kind == "hidden",
-                        _compute_fn(kind, topk, hidden_index), consume)
+            theta0_pass(engine, stream, batch_size, seq_len, pad_id, kind == "hidden",
+                        _compute_fn(kind, topk, hidden_index, (special, len(tokenizer))), consume)
         if E.is_main():
             extra = {"topk_stats": stats.summary()} if stats.count else {}
             writer.finish({"key": key, "kind": kind, "stream": stream_name, "settings": settings, **extra})
@@ -426,11 +435,12 @@ def attach_precomputed(cfg: RunConfig, method, engine, streams: dict, tokenizer)
     """Compute or reuse the per-chunk labels the method declares in ``precomputed`` and attach them to the streams
     (``Stream.fields``), so every batch carries them into ``StreamOutputs.extra``."""
     entries = {}
-    for stream_name, kind in (getattr(method, "precomputed", {}) or {}).items():
+    for stream_name, kind in method.precomputed.items():
         if kind not in LABEL_KINDS:
             raise ValueError(f"{type(method).__name__}.precomputed[{stream_name!r}] = {kind!r}: expected one of "
                              f"{LABEL_KINDS}")
-        report, stores = ensure_entry(cfg, kind, stream_name, streams[stream_name], engine, tokenizer)
+        report, stores = ensure_entry(cfg, kind, stream_name, streams[stream_name], engine, tokenizer,
+                                      method.stream_batch_size(stream_name, cfg.train))
         store = stores["labels"]
         streams[stream_name].fields[kind] = lambda rows, store=store: store.read(rows).long()
         entries[f"{kind}/{stream_name}"] = report
@@ -462,7 +472,7 @@ def build_reference(cfg: RunConfig, ds_config: dict, method, engine, streams: di
         if topk is not None and vocab is not None and topk >= vocab:
             topk = None  # the full distribution: exact, and stored without ids
         report, stores[stream_name] = ensure_entry(cfg, kind, stream_name, streams[stream_name], engine, tokenizer,
-                                                   topk=topk, hidden_index=hidden_index, model_fp=model_fp)
+                                                   method.stream_batch_size(stream_name, cfg.train), topk=topk, hidden_index=hidden_index, model_fp=model_fp)
         if kind == "logits":
             report.update(topk=cfg.reference.topk, vocab=vocab, exact=topk is None)
             if topk is not None and E.is_main():

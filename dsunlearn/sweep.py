@@ -39,6 +39,8 @@ from . import engine as E
 from . import loop
 from .config import ConfigError, MethodConfig, RunConfig, load_run_config, parse_override, to_dict
 from .data import write_json_atomic
+from .prepare import prepare
+from .zero import resolve_configs
 
 log = logging.getLogger(__name__)
 
@@ -157,17 +159,14 @@ def plan(config_path: Optional[str], overrides: list[str], grid: list[GridAxis],
 
 
 def check_points(points: list[Point], zero_path: str) -> None:
-    """What a launch of each point would refuse, checked for all of them before the first one runs."""
-    from .methods import build_method, term_weights
+    """What a launch of each point would refuse (``prepare``, without tokenising), checked for all of them before the
+    first one runs, plus what a sweep needs to judge a point."""
     world = E.world_size()
     for p in points:
         where = f"sweep point {p.label}/{p.name}"
         cfg = p.cfg
         try:
-            loop.resolve_configs(cfg, zero_path, world)
-            method = build_method(cfg.method)
-            term_weights(method, cfg.method)
-            loop.stream_sources(cfg, method.streams)
+            prepare(cfg, zero_path, world, load_data=False)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         need = [s for s in ("forget", "retain") if not getattr(cfg.data, s) or s not in cfg.eval.splits]
@@ -176,7 +175,6 @@ def check_points(points: list[Point], zero_path: str) -> None:
         if need:
             raise ConfigError(f"{where}: a sweep judges every point on the forget loss vs a target and the retain "
                               f"loss vs the original; set data.* and eval.splits for: {', '.join(need)}")
-        E.check_model_dir(cfg)
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -221,7 +219,7 @@ def run_sweep(config_path: Optional[str], zero_path: str, grid_specs: list[str],
     states, error = None, None
     if E.is_main():
         try:
-            states = [point_state(p, loop.resolve_configs(p.cfg, zero_path, E.world_size())) for p in points]
+            states = [point_state(p, resolve_configs(p.cfg, zero_path, E.world_size())) for p in points]
         except ConfigError as e:
             error = str(e)
     states, error = E.broadcast_object((states, error))

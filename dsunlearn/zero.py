@@ -115,3 +115,8 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) == float(b)
     return a == b
+
+
+def resolve_configs(cfg: RunConfig, zero_path: str, world_size: int) -> dict:
+    """The ZeRO JSON at ``zero_path``, resolved against the run config for ``world_size`` ranks."""
+    return resolve(load_zero_json(zero_path), cfg, world_size, source=zero_path)

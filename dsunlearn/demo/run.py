@@ -54,10 +54,10 @@ def main(argv=None) -> int:
     ap.add_argument("--zero", default=str(Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_cpu_test.json"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
-    from ..cli import _setup_logging
+    from ..logs import setup_logging
     from .. import engine as E
     from ..loop import unlearn
-    _setup_logging()
+    setup_logging()
     from .sources import FetchError
     try:
         manifest = ensure_world(args.cache_dir)

@@ -28,7 +28,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from dsunlearn.demo.rdata import read_lazyload_db
+from dsunlearn.demo.lazyload import read_lazyload_db
 
 __all__ = [
     "AUSTEN_NOVELS",

@@ -115,7 +115,8 @@ def cost_section(cost: dict) -> list[str]:
              f"(+ one-time forwards {cost['one_time_forward_flops']:.3g})"]
     if "retrain" in cost:
         r = cost["retrain"]
-        lines += [f"- retraining from scratch (6·N·D): {r['retrain_flops']:.3g} FLOPs: "
+        lines += [f"- retraining from scratch (6·N·D, N = {r['num_matmul_params']:,} matmul weights): "
+                  f"{r['retrain_flops']:.3g} FLOPs: "
                   f"**{r['ratio']:.3g}x** the unlearning run"]
         if r.get("retrain_seconds"):
             lines += [f"- at this run's measured throughput: retraining ≈ {r['retrain_seconds']:.3g} s vs "

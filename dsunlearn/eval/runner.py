@@ -20,6 +20,8 @@ import torch
 from .. import engine as E
 from ..config import RunConfig
 from ..data import collate, rank_batches, write_json_atomic
+from ..prepare import prepare, with_model
+from ..rundir import RunLogger, RunState
 from .metrics import chunk_stats, concat_stats, split_metrics
 from .mia import attack_report
 
@@ -36,21 +38,19 @@ class EvalSplit:
     texts: list      # decoded text per chunk (zlib attack)
 
 
-def load_eval_splits(cfg: RunConfig, tokenizer) -> dict[str, EvalSplit]:
-    """Tokenise every configured split of ``eval.splits`` (those without data are skipped)."""
-    from ..loop import load_stream
+def load_eval_splits(cfg: RunConfig, tokenizer, streams: dict) -> dict[str, EvalSplit]:
+    """Every configured split of ``eval.splits`` that has data (``streams``: tokenised by ``prepare``)."""
     out = {}
     for name in cfg.eval.splits:
-        path = getattr(cfg.data, name, None)
-        if not path:
+        if name not in streams:
             continue
-        chunks = load_stream(name, path, cfg, tokenizer).chunks
+        chunks = streams[name].chunks
         if cfg.eval.max_chunks is not None and len(chunks) > cfg.eval.max_chunks:
             # A seeded sample over all documents (the first N chunks would be the first few documents only).
             rng = np.random.default_rng([cfg.train.seed, len(chunks)])
             chunks = chunks.select(np.sort(rng.choice(len(chunks), cfg.eval.max_chunks, replace=False)))
         ids = [list(x) for x in chunks["input_ids"]]
-        out[name] = EvalSplit(name=name, input_ids=ids, texts=tokenizer.batch_decode(ids))
+        out[name] = EvalSplit(name=name, input_ids=ids, texts=tokenizer.batch_decode(ids, skip_special_tokens=True))
     return out
 
 
@@ -177,19 +177,13 @@ class Evaluator:
     it so far (smallest |forget - approximate| gap), exported at the evaluation that found them.
     """
 
-    def __init__(self, cfg: RunConfig, engine, tokenizer, logger, ds_config: dict, run_dir: str,
+    def __init__(self, cfg: RunConfig, engine, tokenizer, logger, ds_config: dict, run_dir: str, streams: dict,
                  track_best: bool = True, resume_step: Optional[int] = None):
-        from ..config import ConfigError
         self.cfg, self.engine, self.tokenizer, self.logger = cfg, engine, tokenizer, logger
         self.run_dir = Path(run_dir)
         self.pad_id = tokenizer.pad_token_id
-        with E.main_process_first():
-            self.splits = load_eval_splits(cfg, tokenizer)
-        self.tracks_best = track_best and cfg.eval.stop_tolerance > 0
-        if self.tracks_best and MEMBER_SPLIT not in self.splits:
-            raise ConfigError("eval.stop_tolerance: the stop rule needs data.forget")
-        if self.tracks_best and cfg.eval.stop_target != "retrained_forget" and NONMEMBER_SPLIT not in self.splits:
-            raise ConfigError(f"eval.stop_target={cfg.eval.stop_target!r} needs data.approximate")
+        self.splits = load_eval_splits(cfg, tokenizer, streams)
+        self.tracks_best = track_best and cfg.eval.stop_tolerance > 0  # config.validate checked the splits it needs
         self.split_check: Optional[dict] = None
         self.history: list[dict] = []
         self.best: Optional[dict] = None
@@ -197,9 +191,7 @@ class Evaluator:
         self.before: Optional[dict] = None
         self.retrained: Optional[dict] = None
         self.ref_nll = None
-        if cfg.eval.retrained_model:
-            E.check_model_dir(type(cfg)(**{**cfg.__dict__, "model": type(cfg.model)(
-                **{**cfg.model.__dict__, "path": cfg.eval.retrained_model, "init": "pretrained"})}))
+        if cfg.eval.retrained_model:  # prepare() has checked the directory
             frozen, _handle = load_frozen(cfg, ds_config, cfg.eval.retrained_model)
             self.retrained = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=cfg.eval.mia)
             # The retrained model's per-chunk loss calibrates the reference-model attack on the trained one.
@@ -301,19 +293,13 @@ class Evaluator:
 
 def run_eval(cfg: RunConfig, zero_path: str, model_dir: str, out_dir: str) -> dict:
     """``dsunlearn eval``: score one model directory on every configured split, across all ranks."""
-    from ..loop import RunLogger, RunState, resolve_configs
     E.init_distributed()
-    ds_config = resolve_configs(cfg, zero_path, E.world_size())
-    model_cfg = type(cfg.model)(**{**cfg.model.__dict__, "path": model_dir, "init": "pretrained"})
-    cfg = type(cfg)(**{**cfg.__dict__, "model": model_cfg})
-    E.check_model_dir(cfg)
-    tokenizer = E.load_tokenizer(cfg)
-    E.check_model_tokenizer(E.load_model_config(cfg), tokenizer, cfg.data.seq_len)
+    p = prepare(with_model(cfg, model_dir), zero_path, E.world_size(), train=False)
     if E.is_main():
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     E.barrier()
-    frozen, _handle = load_frozen(cfg, ds_config, model_dir)
-    evaluator = Evaluator(cfg, frozen, tokenizer, RunLogger(out_dir, 0, 0, enabled=False), ds_config, out_dir,
-                          track_best=False)
+    frozen, _handle = load_frozen(p.cfg, p.ds_config, model_dir)
+    evaluator = Evaluator(p.cfg, frozen, p.tokenizer, RunLogger(out_dir, 0, 0, enabled=False), p.ds_config, out_dir,
+                          p.eval_streams, track_best=False)
     evaluator.evaluate(0, label="model")
     return evaluator.finish(RunState(step=0))

@@ -1,7 +1,13 @@
 """The method registry: registry key (= file name) -> the method's frozen dataclass.
 
-Adding a method: one file with a frozen dataclass (paper defaults as fields, ``terms`` returning named losses) and
-one line here. See docs/methods.md.
+Adding a method (see docs/architecture.md and docs/methods.md):
+1. ``dsunlearn/methods/<key>.py``: a frozen dataclass subclassing ``base.Method``, its paper-default
+   hyperparameters as fields (a docstring each, checked in ``__post_init__``), a module docstring with the citation and
+   the formula, ``citation``, and ``terms(outputs)`` returning named losses built from ``terms.py``. Declare only what
+   differs from ``Method``'s defaults (``streams``, ``reference``, ``precomputed``, ``default_weights``, ...).
+2. One line in ``METHODS`` below.
+3. A shipped example config ``dsunlearn/configs/<key>.json``.
+4. A section ``## `<key>` `` in docs/methods.md (the registry test checks 2-4 exist).
 
 The study's seven (Yao et al. 2024) are ga, random_labels, adversarial_labels, ga_gd and ga_kl; "in-distribution"
 vs "general" retain data is the data knob ``data.retain_source`` ("retain" | "general"), not a separate method.
@@ -48,8 +54,14 @@ def build_method(cfg: MethodConfig):
 
 def term_weights(method, cfg: MethodConfig) -> dict[str, float]:
     """The run config's weight, else the method's paper default, else 1.0."""
-    defaults = getattr(method, "default_weights", {})
-    return {name: float(cfg.weights.get(name, defaults.get(name, 1.0))) for name in method.term_names}
+    return {name: float(cfg.weights.get(name, method.default_weights.get(name, 1.0))) for name in method.term_names}
+
+
+def check_method_on_model(method, model_config) -> None:
+    """What a method can check against the model's config.json before any weights load (RMU: its layer exists)."""
+    num_layers = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", None)
+    if num_layers is not None:
+        method.check_model(int(num_layers))
 
 
 def select_trainable(model, method) -> list[str]:
@@ -58,7 +70,7 @@ def select_trainable(model, method) -> list[str]:
     Must run before the engine is built: DeepSpeed and the optimizer only see parameters that require grad. Returns
     the names left trainable (all of them when the method has no pattern).
     """
-    pattern = getattr(method, "trainable_params", None)
+    pattern = method.trainable_params
     names = [n for n, _ in model.named_parameters()]
     if pattern is None:
         return names
@@ -67,6 +79,7 @@ def select_trainable(model, method) -> list[str]:
     if not keep:
         raise ConfigError(f"method.params.trainable_params: {pattern!r} matches no parameter of the model "
                           f"(e.g. {', '.join(names[:3])}, ...)")
+    method.check_trainable(keep)
     selected = set(keep)
     for name, param in model.named_parameters():
         param.requires_grad_(name in selected)

@@ -8,9 +8,11 @@ the loop fills ``reference`` there, from a reference engine or from a cache comp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Protocol
+from typing import ClassVar, Optional
 
 import torch
+
+from ..config import ConfigError
 
 
 @dataclass
@@ -43,51 +45,61 @@ class StreamOutputs:
     reference: Optional[ReferenceOutputs] = None
 
 
-class Method(Protocol):
-    """The loss-composition hook every method implements (a frozen dataclass of its paper defaults)."""
-    streams: ClassVar[tuple[str, ...]]
-    """Data streams fused into each forward, e.g. ("forget", "retain")."""
-    term_names: ClassVar[tuple[str, ...]]
-    """Names of the loss terms ``terms`` returns (weights in the run config are keyed by these)."""
-    reference: ClassVar[dict]
-    """Streams that need theta_0's outputs -> what is needed there: "logits", "seq_logprob" or "hidden"."""
-    needs_hidden_states: ClassVar[bool]
-    citation: ClassVar[str]
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """The loss-composition hook every method is: a frozen dataclass of its paper defaults (fields, each with a
+    docstring) that subclasses this and declares only what differs from the defaults below.
 
-    # Optional (read with getattr and these defaults by the registry and the loop):
-    #   precomputed: dict = {}        stream -> per-chunk field computed once before training and handed over in
-    #                                 StreamOutputs.extra: "random_labels" or "adversarial_labels" (see reference.py)
-    #   default_weights: dict = {}    paper-default term weights; method.weights in the run config overrides them
-    #   trainable_params: str = None  regex (re.fullmatch on parameter names): only those train; set before the engine
-    #   hidden_index: int             which entry of the forward's hidden_states a "hidden" reference stores
+    A method checks its own hyperparameters in ``__post_init__`` (raising ``ConfigError`` naming
+    ``method.params.<field>``) and never imports deepspeed or torch.distributed.
+    """
+    streams: ClassVar[tuple[str, ...]] = ("forget",)
+    """Data streams fused into each forward, e.g. ("forget", "retain")."""
+    reference: ClassVar[dict] = {}
+    """Streams that need theta_0's outputs -> what is needed there: "logits", "seq_logprob" or "hidden"."""
+    precomputed: ClassVar[dict] = {}
+    """Stream -> per-chunk field computed once before training and handed over in ``StreamOutputs.extra``:
+    "random_labels" or "adversarial_labels" (see reference.py)."""
+    default_weights: ClassVar[dict] = {}
+    """Paper-default term weights; ``method.weights`` in the run config overrides them (others default to 1.0)."""
+    needs_hidden_states: ClassVar[bool] = False
+    """Ask the forward for every layer's hidden states (activation terms)."""
+    hidden_index: ClassVar[Optional[int]] = None
+    """Which entry of the forward's ``hidden_states`` a "hidden" reference stores."""
+    trainable_params: ClassVar[Optional[str]] = None
+    """Regex (re.fullmatch on parameter names): only those train (None = all); applied before the engine is built."""
+    citation: ClassVar[str] = ""
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """Names of the loss terms ``terms`` returns (run-config weights are keyed by them): one per stream."""
+        return self.streams
+
+    def stream_batch_size(self, stream: str, train) -> int:
+        """Chunks of ``stream`` per rank per micro-step (``train``: the run config's train section): the forget
+        stream gets ``micro_batch_size``, every other stream ``micro_batch_size * retain_ratio``."""
+        return train.micro_batch_size * (1 if stream == "forget" else train.retain_ratio)
+
+    def check_model(self, num_layers: int) -> None:
+        """Refuse a model this method cannot work on, from its config.json alone (before weights load)."""
+
+    def check_trainable(self, names: list[str]) -> None:
+        """Refuse a trainable set (the names ``trainable_params`` selected) that cannot serve the objective."""
 
     def terms(self, outputs: dict[str, StreamOutputs]) -> dict[str, torch.Tensor]:
         """Named scalar loss terms; the loop weighs and sums them, then backpropagates once."""
-        ...
+        raise NotImplementedError
 
 
-class OptionalRetainNLL:
-    """Shared by the NPO family: ``beta`` must be positive and ``retain_loss`` ("none" | "nll") adds a plain
-    NLL(retain) term (the papers' regularised variants). Subclasses are frozen dataclasses with those two fields."""
+RETAIN_LOSSES = ("none", "nll")
 
-    def __post_init__(self):
-        from ..config import ConfigError
-        if self.beta <= 0:
-            raise ConfigError("method.params.beta: expected > 0")
-        if self.retain_loss not in ("none", "nll"):
-            raise ConfigError(f"method.params.retain_loss: expected 'none' or 'nll', got {self.retain_loss!r}")
 
-    @property
-    def streams(self):
-        return ("forget", "retain") if self.retain_loss == "nll" else ("forget",)
+def check_retain_loss(value: str) -> None:
+    """The NPO family's optional plain NLL(retain) term (the papers' regularised variants)."""
+    if value not in RETAIN_LOSSES:
+        raise ConfigError(f"method.params.retain_loss: expected 'none' or 'nll', got {value!r}")
 
-    @property
-    def term_names(self):
-        return self.streams
 
-    def with_retain(self, outputs, terms: dict) -> dict:
-        if self.retain_loss == "nll":
-            from .terms import token_nll
-            retain = outputs["retain"]
-            terms["retain"] = token_nll(retain.logits, retain.labels)
-        return terms
+def check_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"method.params.{name}: expected > 0, got {value}")

@@ -10,15 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .base import Method
 from .terms import token_nll
 
 
 @dataclass(frozen=True, kw_only=True)
-class GradientAscent:
-    streams: ClassVar = ("forget",)
-    term_names: ClassVar = ("forget",)
-    reference: ClassVar = {}
-    needs_hidden_states: ClassVar = False
+class GradientAscent(Method):
     citation: ClassVar = "Jang et al. 2023 (arXiv:2210.01504); Yao et al. 2024 (arXiv:2402.15159)"
 
     def terms(self, outputs):

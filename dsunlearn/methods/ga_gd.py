@@ -11,15 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .base import Method
 from .terms import token_nll
 
 
 @dataclass(frozen=True, kw_only=True)
-class GradDiff:
+class GradDiff(Method):
     streams: ClassVar = ("forget", "retain")
-    term_names: ClassVar = ("forget", "retain")
-    reference: ClassVar = {}
-    needs_hidden_states: ClassVar = False
     citation: ClassVar = "Yao et al. 2024 (arXiv:2402.15159)"
 
     def terms(self, outputs):

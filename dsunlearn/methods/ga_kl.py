@@ -14,15 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .base import Method
 from .terms import kl_to_reference, token_nll
 
 
 @dataclass(frozen=True, kw_only=True)
-class GradKL:
+class GradKL(Method):
     streams: ClassVar = ("forget", "retain")
-    term_names: ClassVar = ("forget", "retain")
     reference: ClassVar = {"retain": "logits"}
-    needs_hidden_states: ClassVar = False
     citation: ClassVar = "Yao et al. 2024 (arXiv:2402.15159), methods 5 and 7"
 
     def terms(self, outputs):

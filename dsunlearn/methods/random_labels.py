@@ -13,16 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .base import Method
 from .terms import token_nll
 
 
 @dataclass(frozen=True, kw_only=True)
-class RandomLabels:
-    streams: ClassVar = ("forget",)
-    term_names: ClassVar = ("forget",)
-    reference: ClassVar = {}
+class RandomLabels(Method):
     precomputed: ClassVar = {"forget": "random_labels"}
-    needs_hidden_states: ClassVar = False
     citation: ClassVar = "Yao et al. 2024 (arXiv:2402.15159), method 2"
 
     def terms(self, outputs):

@@ -15,12 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import OptionalRetainNLL
-from .terms import simnpo_loss
+from ..config import ConfigError
+from .base import Method, check_positive, check_retain_loss
+from .terms import simnpo_loss, token_nll
 
 
 @dataclass(frozen=True, kw_only=True)
-class SimNPO(OptionalRetainNLL):
+class SimNPO(Method):
     beta: float = 0.7
     """Inverse temperature on the length-normalised log-likelihood (paper, MUSE-Books: 0.7)."""
     gamma: float = 0.0
@@ -29,12 +30,22 @@ class SimNPO(OptionalRetainNLL):
     retain_loss: str = "nll"
     """"nll" (the paper's regularised SimNPO) or "none"."""
 
-    reference: ClassVar = {}
     default_weights: ClassVar = {"retain": 0.1}
-    needs_hidden_states: ClassVar = False
     citation: ClassVar = "Fan et al. 2024 (arXiv:2410.07163)"
+
+    def __post_init__(self):
+        check_positive("beta", self.beta)
+        check_retain_loss(self.retain_loss)
+        if self.gamma < 0:
+            raise ConfigError(f"method.params.gamma: expected >= 0, got {self.gamma}")
+
+    @property
+    def streams(self):
+        return ("forget", "retain") if self.retain_loss == "nll" else ("forget",)
 
     def terms(self, outputs):
         forget = outputs["forget"]
         out = {"forget": simnpo_loss(forget.logits, forget.labels, self.beta, self.gamma)}
-        return self.with_retain(outputs, out)
+        if self.retain_loss == "nll":
+            out["retain"] = token_nll(outputs["retain"].logits, outputs["retain"].labels)
+        return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..constants import IGNORE_INDEX  # re-exported: methods and tests read it here
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -375,12 +375,18 @@ def activation_mse(hidden: torch.Tensor, target: torch.Tensor, labels: torch.Ten
     return chunk_mean(squared, (labels != IGNORE_INDEX).to(squared.dtype)).mean()
 
 
-def adversarial_targets(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def adversarial_targets(logits: torch.Tensor, labels: torch.Tensor, excluded_ids: torch.Tensor) -> torch.Tensor:
     """Labels (aligned like ``labels``) whose target at position t+1 is theta_0's most likely token at position t
-    *other than* the true token t+1. Uncounted targets stay ``IGNORE_INDEX``; position 0 (never a target) keeps its
-    label. (The study's released code excluded token t instead, aiming at the guess two positions ahead.)"""
+    *other than* the true token t+1 and the ``excluded_ids`` (the tokenizer's special tokens: a wrong EOS/BOS/pad is
+    no wrong guess about the text). A true target among ``excluded_ids`` keeps its label (a document still ends with
+    EOS), as random labels do (``reference._random_label_rows``). Uncounted targets stay ``IGNORE_INDEX``; position 0
+    (never a target) keeps its label. (The study's released code excluded token t instead, aiming at the guess two
+    positions ahead.)"""
     shifted, targets, mask = shift_for_next_token(logits, labels)
-    best = shifted.scatter(-1, targets.unsqueeze(-1), float("-inf")).argmax(-1)
+    excluded_ids = excluded_ids.to(device=logits.device, dtype=torch.long)
+    candidates = shifted.scatter(-1, targets.unsqueeze(-1), float("-inf"))
+    candidates.index_fill_(-1, excluded_ids, float("-inf"))
+    best = torch.where(torch.isin(targets, excluded_ids), targets, candidates.argmax(-1))
     out = labels.clone()
     out[:, 1:] = torch.where(mask.bool(), best, torch.full_like(best, IGNORE_INDEX))
     return out

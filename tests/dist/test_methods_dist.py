@@ -121,19 +121,20 @@ def test_adversarial_labels_from_the_distributed_pass(runs, toy_world):
     from dsunlearn import reference as R
     from dsunlearn.config import load_run_config
     from dsunlearn.data import collate
-    from dsunlearn.loop import load_stream
+    from dsunlearn.data import load_stream
     from dsunlearn.methods.terms import adversarial_targets
     run = runs / "adversarial_labels"
     entry = json.loads((run / "reference.json").read_text())["precomputed"]["adversarial_labels/forget"]
     meta, stores = R.open_entry(Path(entry["path"]))
     cfg = load_run_config(str(run / "config.json"))
     tok = AutoTokenizer.from_pretrained(toy_world["model"])
-    stream = load_stream("forget", toy_world["forget"], cfg, tok)
+    stream = load_stream("forget", toy_world["forget"], cfg.data, tok)
     rows = list(range(stream.stats.num_chunks))
     batch = collate(stream.chunks[rows]["input_ids"], cfg.data.seq_len, tok.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(toy_world["model"])
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert torch.equal(stores["labels"].read(rows).long(), adversarial_targets(logits, batch["labels"]))
+    excluded = torch.cat([torch.tensor(sorted(set(tok.all_special_ids))), torch.arange(len(tok), logits.size(-1))])
+    assert torch.equal(stores["labels"].read(rows).long(), adversarial_targets(logits, batch["labels"], excluded))
     precomputed = json.loads((runs / "random_labels" / "reference.json").read_text())["precomputed"]
     assert precomputed["random_labels/forget"]["built"]

@@ -14,9 +14,11 @@ from dsunlearn.cost import (
     forward_flops,
     retrain_estimate,
     retrain_flops,
+    run_cost,
     step_flops,
     train_flops,
 )
+from dsunlearn.eval.report import cost_section
 
 transformers = pytest.importorskip("transformers")
 
@@ -195,22 +197,53 @@ def yi_6b_config():
                                     max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def test_yi_6b_retrain_is_6nd():
-    n, d = KNOWN_PRETRAINING["yi-6b"]
-    assert retrain_flops(n, d) == 6 * n * d == 6 * 6.06e9 * 3.0e12
+def test_retraining_counts_the_same_matmul_weights_as_unlearning():
+    """An untied model: neither side counts the input embedding table; the logits matrix is counted once on both."""
+    d, layers, kv_dim, ffn = 64, 2, 2 * 16, 172  # 2 KV heads of head_dim 64 / 4
+    per_layer = 2 * d * d + 2 * d * kv_dim + 3 * d * ffn + 2 * d  # q, o; k, v; gate, up, down; two RMSNorm weights
+    non_embedding = layers * per_layer + d                        # + the final norm
+    logits = d * VOCAB                                            # lm_head, untied: its own d x V matrix
+    table = VOCAB * d                                             # embed_tokens: indexed, no multiply
+    model = tiny_llama()
+    shape = ModelShape.from_model(model)
+    assert shape.num_params == non_embedding + logits + table == sum(p.numel() for p in model.parameters())
+    matmul = non_embedding + logits
+    pretrain_tokens, steps, step_tokens = 1e9, 10, FORGET * SEQ
+    # Unlearning side: per token 6 * (matmul weights) plus attention, 12 * L * d_attn * T.
+    per_step = train_flops(shape, step_tokens, SEQ)
+    assert per_step == (6 * matmul + 12 * layers * d * SEQ) * step_tokens
+    cost = run_cost(shape, SEQ, [Pass("train", step_tokens)], steps, 0, pretrain_tokens, None, None)
+    retrain = cost["retrain"]
+    assert retrain["retrain_flops"] == 6 * matmul * pretrain_tokens  # not 6 * shape.num_params * D
+    assert retrain["num_matmul_params"] == matmul
+    assert retrain_flops(shape, pretrain_tokens) == retrain["retrain_flops"]
+    assert f"N = {matmul:,} matmul weights" in "\n".join(cost_section(cost))  # the report names the N it used
+    assert retrain["ratio"] == pytest.approx(6 * matmul * pretrain_tokens / (steps * per_step), rel=1e-12)
+    # Tying the table to lm_head removes a parameter matrix but no multiply: the retraining cost is unchanged.
+    tied = ModelShape.from_model(tiny_llama(tie_word_embeddings=True))
+    assert tied.num_params == shape.num_params - table
+    assert retrain_flops(tied, pretrain_tokens) == retrain_flops(shape, pretrain_tokens)
+    # Attention is the only term retraining leaves out, so the ratio is below the one with pretraining attention.
+    assert retrain["retrain_flops"] < train_flops(shape, int(pretrain_tokens), SEQ)
 
 
 def test_study_scale_ratio():
+    """The Yi-6B figures of docs/benchmarks.md and benchmarks/RESULTS.md section 5."""
     shape = ModelShape.from_hf_config(yi_6b_config())  # meta device: no memory
     assert shape.num_params == 6_061_035_520
-    n, d = KNOWN_PRETRAINING["yi-6b"]
+    assert shape.num_matmul_params == 6_061_035_520 - 64000 * 4096 == 5_798_891_520  # the input table drops out
+    d = KNOWN_PRETRAINING["yi-6b"][1]
     forget_tokens = 6_000_000
     # GA+GD, 1 epoch: forget + as many retain tokens trained; longest context = most attention = smallest ratio.
     unlearning = step_flops(shape, 4096, [Pass("train", 2 * forget_tokens)])["total"]
-    est = retrain_estimate(n, d, unlearning)
-    assert est["ratio"] >= 1e5
+    est = retrain_estimate(shape, d, unlearning)
+    assert est["retrain_flops"] == pytest.approx(1.044e23, rel=1e-3)
+    assert unlearning == pytest.approx(4.948e17, rel=1e-3)
+    assert est["ratio"] == pytest.approx(2.109e5, rel=1e-3)
+    short = step_flops(shape, 2048, [Pass("train", 2 * forget_tokens)])["total"]
+    assert retrain_estimate(shape, d, short)["ratio"] == pytest.approx(2.288e5, rel=1e-3)
     assert est["retrain_seconds"] is None
-    timed = retrain_estimate(n, d, unlearning, measured_tokens_per_s=1000.0, unlearning_tokens=2 * forget_tokens)
+    timed = retrain_estimate(shape, d, unlearning, measured_tokens_per_s=1000.0, unlearning_tokens=2 * forget_tokens)
     assert timed["unlearning_seconds"] == pytest.approx(12_000.0)
     assert timed["retrain_seconds"] == pytest.approx(12_000.0 * est["ratio"])
     assert timed["achieved_flops_per_s"] == pytest.approx(unlearning / 12_000.0)
@@ -225,6 +258,8 @@ def test_errors():
     with pytest.raises(ValueError):
         forward_flops(shape, 10, 0)
     with pytest.raises(ValueError, match="unlearning_tokens"):
-        retrain_estimate(1e9, 1e12, 1e15, measured_tokens_per_s=10.0)
+        retrain_estimate(shape, 1e12, 1e15, measured_tokens_per_s=10.0)
+    with pytest.raises(ValueError, match="pretrain_tokens"):
+        retrain_flops(shape, 0)
     with pytest.raises(ValueError):
         ModelShape(num_params=10, num_embedding_params=20, num_layers=1, hidden_size=4, vocab_size=2)

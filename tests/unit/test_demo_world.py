@@ -18,7 +18,7 @@ import zlib
 import pytest
 
 from dsunlearn.demo import sources, world
-from dsunlearn.demo.rdata import read_lazyload_db, unserialize
+from dsunlearn.demo.lazyload import read_lazyload_db, unserialize
 
 
 # ------------------------------------------------------------------------------------------------------- extraction
@@ -116,21 +116,27 @@ def _named_list(items: dict) -> bytes:
     return body + names_attr
 
 
-def test_rdata_reads_a_lazyload_db():
+@pytest.mark.parametrize("compression", [1, 3])
+def test_lazyload_db_framing_around_rdata(compression):
+    """The lazy-load framing (index, offsets, length prefix, compression marker) around R objects that the rdata
+    package parses; NA strings come back as None."""
     emma = _xdr_header() + _strsxp(["EMMA", "", "CHAPTER I", "Emma Woodhouse, handsome, clever, and rich"])
-    ints = _xdr_header() + _intsxp([1, -(2**31), 3])
+    moby = _xdr_header() + _strsxp(["Call me Ishmael."])
     blobs, variables, offset = b"", {}, 0
-    for name, obj in [("emma", emma), ("ints", ints)]:
-        blob = struct.pack(">I", len(obj)) + zlib.compress(obj)
+    for name, obj in [("emma", emma), ("moby", moby)]:
+        body = zlib.compress(obj) if compression == 1 else b"X" + lzma.compress(obj)
+        blob = struct.pack(">I", len(obj)) + body
         variables[name] = _intsxp([offset, len(blob)])
         blobs += blob
         offset += len(blob)
+    flag = struct.pack(">ii", 10, 1) + struct.pack(">i", 1) if compression == 1 else _intsxp([compression])
     index = _xdr_header() + _named_list({"variables": _named_list(variables), "references": _named_list({}),
-                                         "compressed": struct.pack(">ii", 10, 1) + struct.pack(">i", 1)})
+                                         "compressed": flag})
     db = read_lazyload_db(gzip.compress(index), blobs)
-    assert list(db["emma"]) == ["EMMA", "", "CHAPTER I", "Emma Woodhouse, handsome, clever, and rich"]
-    assert list(db["ints"]) == [1, None, 3]
-    assert unserialize(_xdr_header() + _named_list({"a": _strsxp(["x"])})).named() == {"a": ["x"]}
+    assert db == {"emma": ["EMMA", "", "CHAPTER I", "Emma Woodhouse, handsome, clever, and rich"],
+                  "moby": ["Call me Ishmael."]}
+    with pytest.raises(ValueError, match="expected"):  # a truncated length prefix is caught, not parsed on
+        read_lazyload_db(gzip.compress(index), struct.pack(">I", 1) + blobs[4:])
 
 
 def _fake_deb(path, files: dict[str, bytes]) -> None:

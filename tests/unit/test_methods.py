@@ -14,6 +14,7 @@ import torch
 from dsunlearn import loop
 from dsunlearn import reference as R
 from dsunlearn.config import ConfigError, MethodConfig, RunConfig, from_dict
+from dsunlearn.data import load_stream
 from dsunlearn.methods import METHODS, build_method, select_trainable, term_weights
 from dsunlearn.methods.base import ReferenceOutputs, StreamOutputs
 from dsunlearn.methods.terms import IGNORE_INDEX, chunk_nll, kl_to_reference, reference_distribution
@@ -102,6 +103,27 @@ def test_npo_terms_by_hand():
     with_rt = METHODS["npo"](retain_loss="nll")
     assert with_rt.streams == ("forget", "retain") and set(with_rt.terms({"forget": forget, "retain": forget})) == \
         {"forget", "retain"}
+
+
+def test_npo_rt_terms_by_hand():
+    """NPO-RT (npo, retain_loss="nll"): forget = (2/beta) * mean_i log(1 + (pi(y_i) / pi_0(y_i))^beta) over sequence
+    likelihoods, retain = mean over chunks of each chunk's mean token NLL, each on its own stream."""
+    beta = 0.5
+    forget = _stream(LABELS)
+    lp = [math.log(0.2) + math.log(0.3), math.log(0.1)]  # log pi(y): chunk A targets 1, 2; chunk B target 2
+    lp0 = [-3.0, -2.0]
+    forget.reference = ReferenceOutputs(seq_logprob=torch.tensor(lp0, dtype=torch.float64))
+    npo_forget = (2 / beta) * sum(math.log(1 + math.exp(beta * (a - b))) for a, b in zip(lp, lp0)) / 2
+    # Retain: theta's distributions Q, chunk A targets 0 then 2, chunk B target 1 (then padding).
+    retain = _stream([[1, 0, 2], [0, 1, IGNORE_INDEX]], probs=Q)
+    nll_retain = (-(math.log(0.5) + math.log(0.3)) / 2 - math.log(0.3)) / 2
+    method = METHODS["npo"](beta=beta, retain_loss="nll")
+    terms = method.terms({"forget": forget, "retain": retain})
+    assert set(terms) == {"forget", "retain"}
+    assert terms["forget"].item() == pytest.approx(npo_forget, rel=1e-12)
+    assert terms["retain"].item() == pytest.approx(nll_retain, rel=1e-12)
+    # The retain term leaves the forget term alone: plain NPO with the same beta gives the same value.
+    assert METHODS["npo"](beta=beta).terms({"forget": forget})["forget"].item() == pytest.approx(npo_forget, rel=1e-12)
 
 
 def test_simnpo_terms_by_hand():
@@ -201,7 +223,7 @@ def _cfg(world, tmp, name, mode="cache", topk=64, seed=42, **params) -> RunConfi
 
 
 def _streams(world, cfg, tok, names=("forget", "retain")):
-    return {n: loop.load_stream(n, world[n], cfg, tok) for n in names}
+    return {n: load_stream(n, world[n], cfg.data, tok) for n in names}
 
 
 def _setup(world, tmp, name, mode="cache", topk=64, **params):
@@ -253,6 +275,49 @@ def test_one_step_raises_the_forget_nll(world, tmp_path, name):
         assert method.terms(out2)["forget"].item() < terms["forget"].item()  # activations moved toward c * u
         changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
         assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+
+
+@pytest.mark.parametrize("layer, expected", [(0, [0]), (1, [0, 1])])
+def test_rmu_trains_the_layers_up_to_its_own_by_default(world, layer, expected):
+    """The default trainable set follows ``layer`` (l-2..l), not the paper's fixed 5-7."""
+    model = copy.deepcopy(world["theta0"])
+    names = select_trainable(model, METHODS["rmu"](layer=layer))
+    assert names == [f"model.layers.{i}.mlp.down_proj.weight" for i in expected]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == names
+
+
+@pytest.mark.parametrize("pattern, culprit", [
+    (r"model\.layers\.1\.mlp\.down_proj\.weight", "model.layers.1.mlp.down_proj.weight"),  # a later layer
+    (r"model\.norm\.weight", "model.norm.weight"),                            # after every layer
+])
+def test_rmu_refuses_parameters_that_cannot_reach_its_layer(world, pattern, culprit):
+    model = copy.deepcopy(world["theta0"])
+    with pytest.raises(ConfigError, match=f"{culprit.replace('.', '[.]')} cannot affect the output of layer 0"):
+        select_trainable(model, METHODS["rmu"](layer=0, trainable_params=pattern))
+    # An input embedding can change every layer's output: allowed.
+    select_trainable(model, METHODS["rmu"](layer=0, trainable_params=r"model\.embed_tokens\.weight"))
+
+
+def test_rmu_last_layer_is_steered_after_the_final_norm(world):
+    """The documented convention: hidden_states[layer + 1] is decoder layer ``layer``'s output, except for the last
+    layer, where transformers hands back the final norm's output."""
+    model = world["theta0"]
+    layers = model.model.layers
+    captured = {}
+    hooks = [layer.register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(k, o[0] if isinstance(o, tuple)
+                                                                                      else o))
+             for k, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([[3, 4, 5, 6]]), output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    last = len(layers) - 1
+    assert torch.equal(out.hidden_states[1], captured[0])
+    assert not torch.allclose(out.hidden_states[last + 1], captured[last])
+    with torch.no_grad():
+        assert torch.allclose(out.hidden_states[last + 1], model.model.norm(captured[last]))
 
 
 def test_select_trainable_rejects_a_pattern_that_matches_nothing(world):
@@ -321,9 +386,10 @@ def test_topk_kl_error_is_reported(world, tmp_path, capsys):
             print(f"  k={k:4d}  KL={kl_k:.4g}  relative error {err:.2%}  theta_0 mass outside top-k {rest:.3g}")
 
 
-def test_adversarial_labels_exclude_the_true_next_token(world, tmp_path):
+def test_adversarial_labels_exclude_the_true_next_token_and_special_tokens(world, tmp_path):
     cfg, method, _, model, streams, _ = _setup(world, tmp_path, "adversarial_labels")
     tok, forget = world["tok"], streams["forget"]
+    special = torch.tensor(sorted(set(tok.all_special_ids)))
     rows = list(range(forget.stats.num_chunks))
     batch = forget.batch(rows, SEQ_LEN, tok.pad_token_id)
     adv = batch["adversarial_labels"]
@@ -331,18 +397,36 @@ def test_adversarial_labels_exclude_the_true_next_token(world, tmp_path):
         logits = world["theta0"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     true_next, adv_next = batch["labels"][:, 1:], adv[:, 1:]
     counted = true_next != IGNORE_INDEX
+    true_special = counted & torch.isin(true_next, special)
     assert torch.equal(adv_next == IGNORE_INDEX, ~counted)  # padding stays masked
-    assert not (adv_next[counted] == true_next[counted]).any()
-    # theta_0's argmax once the true next token is removed, position by position.
-    for b, t in counted.nonzero().tolist()[:: 7]:
+    assert true_special.any() and torch.equal(adv_next[true_special], true_next[true_special])  # EOS keeps its label
+    text = counted & ~true_special
+    assert not (adv_next[text] == true_next[text]).any()
+    assert not torch.isin(adv_next[text], special).any() and adv_next[text].max() < len(tok)
+    # theta_0's argmax once the true next token and the special tokens are removed, position by position.
+    for b, t in text.nonzero().tolist()[:: 7]:
         row = logits[b, t].clone()
         row[true_next[b, t]] = float("-inf")
+        row[special] = float("-inf")
+        row[len(tok):] = float("-inf")
         assert adv_next[b, t].item() == row.argmax().item()
     # Stored and reused: a second run with the same model and data builds nothing.
     fresh = _streams(world, cfg, tok, ("forget",))
     report = R.attach_precomputed(cfg, method, model, fresh, tok)
     assert report["adversarial_labels/forget"]["built"] is False
     assert torch.equal(fresh["forget"].batch(rows, SEQ_LEN, tok.pad_token_id)["adversarial_labels"], adv)
+
+
+def test_adversarial_label_pass_excludes_special_ids_and_padded_vocabulary_rows():
+    """The theta_0 pass hands adversarial_targets the special ids and every output row past len(tokenizer)."""
+    from types import SimpleNamespace
+    special, num_tokens = [0, 1], 6                       # ids 6, 7: a model vocabulary padded past the tokenizer
+    compute = R._compute_fn("adversarial_labels", None, None, (special, num_tokens))
+    logits = torch.tensor([[[0, 0, 0, 0, 1, 2, 0, 9],     # predicts 3: 7 is padding past the tokenizer -> 5
+                            [8, 0, 0, 1, 0, 0, 0, 0],     # predicts 4: 0 is special -> 3
+                            [0, 0, 0, 0, 0, 0, 0, 0]]], dtype=torch.float32)
+    values = compute(SimpleNamespace(logits=logits), {"labels": torch.tensor([[2, 3, 4]])})
+    assert values["labels"].dtype == torch.int32 and values["labels"].tolist() == [[2, 5, 3]]
 
 
 def test_random_labels_drawn_once_with_the_seed(world, tmp_path):
@@ -378,7 +462,8 @@ def test_cache_key_follows_model_data_and_settings(world, tmp_path):
 
     def key(cfg, stream="retain", topk=None):
         streams = _streams(world, cfg, tok, (stream,))
-        report, _ = R.ensure_entry(cfg, "logits", stream, streams[stream], world["theta0"], tok, topk=topk)
+        report, _ = R.ensure_entry(cfg, "logits", stream, streams[stream], world["theta0"], tok,
+                                   cfg.train.micro_batch_size, topk=topk)
         return report
 
     base = _cfg(world, tmp_path, "ga_kl")

@@ -68,3 +68,22 @@ def test_plots_write_pngs(tmp_path):
     ]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_zlib_texts_are_decoded_without_special_tokens(toy_world):
+    """mia_zlib compresses each chunk's text: the text, not the EOS/BOS/pad markers the chunks carry as ids."""
+    from transformers import AutoTokenizer
+
+    from dsunlearn.config import RunConfig, from_dict
+    from dsunlearn.data import load_stream
+    from dsunlearn.eval.runner import load_eval_splits
+    tok = AutoTokenizer.from_pretrained(toy_world["model"])
+    cfg = from_dict(RunConfig, {"model": {"path": toy_world["model"]},
+                                "data": {"forget": toy_world["forget"], "retain": toy_world["retain"],
+                                         "approximate": None, "general": None, "seq_len": 64}})
+    streams = {"forget": load_stream("forget", toy_world["forget"], cfg.data, tok)}
+    split = load_eval_splits(cfg, tok, streams)["forget"]
+    assert any(tok.eos_token_id in ids for ids in split.input_ids)  # chunks end their documents with EOS
+    markers = [t for t in tok.all_special_tokens if t]
+    assert not any(m in text for text in split.texts for m in markers)
+    assert split.texts == [tok.decode(ids, skip_special_tokens=True) for ids in split.input_ids]

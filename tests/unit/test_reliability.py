@@ -6,13 +6,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import torch
 
 from dsunlearn.cli import main
-from dsunlearn.config import load_run_config
+from dsunlearn.config import ConfigError, load_run_config
+from dsunlearn.methods.base import Method
 from dsunlearn.methods.terms import token_nll
 from helpers import CPU_ZERO3, write_run_config
 
@@ -20,19 +20,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @dataclass(frozen=True, kw_only=True)
-class NaNOnThirdStep:
-    """Gradient ascent whose 3rd loss is NaN: a stand-in for the divergence GA reaches by itself."""
-    streams: ClassVar = ("forget",)
-    term_names: ClassVar = ("forget",)
-    reference: ClassVar = {}
-    needs_hidden_states: ClassVar = False
-    citation: ClassVar = "test"
+class NaNOnCalls(Method):
+    """Gradient ascent whose loss is NaN on the given calls (1-based): a stand-in for one bad micro-batch (or the
+    divergence GA reaches by itself, when every call from some point on is NaN)."""
+    nan_from: int = 3
+    nan_until: int = 3
     calls: list = field(default_factory=list)
 
     def terms(self, outputs):
         self.calls.append(1)
         loss = -token_nll(outputs["forget"].logits, outputs["forget"].labels)
-        return {"forget": loss * float("nan") if len(self.calls) == 3 else loss}
+        return {"forget": loss * float("nan") if self.nan_from <= len(self.calls) <= self.nan_until else loss}
 
 
 def _weights(model_dir: Path) -> dict:
@@ -46,25 +44,56 @@ def _unlearn(cfg_path, tmp_path, method=None, overrides=()):
     return unlearn(cfg, CPU_ZERO3, method=method)
 
 
-def test_nonfinite_loss_stops_cleanly_with_last_good_weights(toy_world, tmp_path):
-    common = dict(train={"lr": 1e-2, "micro_batch_size": 2, "num_steps": 5, "schedule": "constant",
-                         "warmup_ratio": 0.0}, method={"name": "ga"}, data={"approximate": None, "general": None})
-    cfg = write_run_config(tmp_path / "nan.json", toy_world, tmp_path / "nan", **common)
-    code = _unlearn(cfg, tmp_path, method=NaNOnThirdStep())
-    assert code == 3
-    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
-    assert summary["steps"] == 2 and "non-finite loss at step 3" in summary["stop_reason"]
-    log = [json.loads(line) for line in (tmp_path / "nan" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2]
-    # The exported weights are those after step 2: equal to a clean 2-step run of the same method.
-    ref = write_run_config(tmp_path / "two.json", toy_world, tmp_path / "two",
-                           **{**common, "train": {**common["train"], "num_steps": 2}})
-    assert _unlearn(ref, tmp_path) == 0
-    got, want = _weights(tmp_path / "nan" / "model"), _weights(tmp_path / "two" / "model")
+_GA = dict(train={"lr": 1e-2, "micro_batch_size": 2, "num_steps": 5, "schedule": "constant", "warmup_ratio": 0.0},
+           method={"name": "ga"}, data={"approximate": None, "general": None})
+
+
+def _ga_run(tmp_path, toy_world, name, num_steps, method=None, **sections):
+    cfg = write_run_config(tmp_path / f"{name}.json", toy_world, tmp_path / name,
+                           **{**_GA, "train": {**_GA["train"], "num_steps": num_steps}, **sections})
+    code = _unlearn(cfg, tmp_path, method=method)
+    log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+    return code, log, json.loads((tmp_path / name / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def clean_two_steps(toy_world, tmp_path_factory):
+    """The weights of a clean 2-step GA run: what a run whose 3rd step is skipped must hold after it."""
+    tmp = tmp_path_factory.mktemp("clean")
+    assert _ga_run(tmp, toy_world, "two", 2)[0] == 0
+    return _weights(tmp / "two" / "model")
+
+
+def _assert_equal_weights(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
         assert torch.isfinite(got[k]).all()
+
+
+def test_one_nonfinite_gradient_skips_that_step_and_the_run_goes_on(toy_world, tmp_path, clean_two_steps):
+    # Step 3's gradient is NaN: DeepSpeed discards that update, the weights stay those of step 2.
+    code, log, summary = _ga_run(tmp_path, toy_world, "skip3", 3, method=NaNOnCalls())
+    assert code == 0 and summary["skipped_steps"] == 1 and summary["stop_reason"] is None
+    assert [(r["step"], r["skipped"], r["skipped_steps"]) for r in log] == [(1, 0, 0), (2, 0, 0), (3, 1, 1)]
+    assert log[2]["loss/forget"] is None and log[2]["grad_norm"] is None  # NaN/inf logged as null (strict JSON)
+    _assert_equal_weights(_weights(tmp_path / "skip3" / "model"), clean_two_steps)
+    # ... and the steps after it are applied again.
+    code, log, summary = _ga_run(tmp_path, toy_world, "skip3of5", 5, method=NaNOnCalls())
+    assert code == 0 and [r["skipped"] for r in log] == [0, 0, 1, 0, 0] and summary["skipped_steps"] == 1
+    assert log[4]["nll/forget"] > log[3]["nll/forget"] > log[1]["nll/forget"]
+    got = _weights(tmp_path / "skip3of5" / "model")
+    assert any(not torch.equal(got[k], clean_two_steps[k]) for k in got)
+
+
+def test_consecutive_skips_stop_cleanly_with_the_last_good_weights(toy_world, tmp_path, clean_two_steps):
+    code, log, summary = _ga_run(tmp_path, toy_world, "diverged", 8, method=NaNOnCalls(nan_until=10 ** 6),
+                                 guard={"max_consecutive_skips": 2})
+    assert code == 3
+    assert "2 consecutive optimizer steps skipped" in summary["stop_reason"]
+    assert "weights are those after step 2" in summary["stop_reason"]
+    assert [(r["step"], r["skipped"]) for r in log] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    _assert_equal_weights(_weights(tmp_path / "diverged" / "model"), clean_two_steps)
 
 
 def test_forget_loss_ceiling_stops_before_the_update(toy_world, tmp_path):
@@ -184,3 +213,43 @@ def test_bad_data_files(guarded, capsys, tmp_path, content, fragment):
     bad = _write(tmp_path / "bad.jsonl", content)
     check(["--set", f"data.forget={bad}", "--set", f"output.run_dir={tmp_path / 'new'}"], fragment, capsys)
     assert not (tmp_path / "new").exists(), "nothing is created before the input is validated"
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize("override, fragment", [
+    ("cost.known_model=yi-6", "cost.known_model: unknown 'yi-6'; known: "),
+    # RMU's layer is checked against the model's config.json before any weights load (the toy model has 2 layers).
+    ("method.params={\"layer\": 5}", "method.params.layer=5: the model has 2 decoder layers"),
+])
+def test_config_mistakes_found_before_anything_runs(guarded, capsys, dry_run, override, fragment):
+    check, _ = guarded
+    args = ["--set", override] + (["--set", "method.name=rmu"] if "layer" in override else [])
+    check(args + (["--dry-run"] if dry_run else []), fragment, capsys)
+
+
+def test_a_failure_after_training_keeps_the_model_and_the_results(toy_world, tmp_path, monkeypatch):
+    """Cost and report come after the work: when they fail, the model, summary.json and metrics.json are written
+    first and the error is raised last."""
+    from dsunlearn import loop
+    from dsunlearn.eval import report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in the report")
+
+    def broken_cost(*args, **kwargs):
+        raise ConfigError("cost: boom")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    monkeypatch.setattr(loop, "plan_cost", broken_cost)
+    cfg = write_run_config(tmp_path / "late.json", toy_world, tmp_path / "late", method={"name": "ga_gd"},
+                           train={"num_steps": 2, "micro_batch_size": 2})
+    with pytest.raises(ConfigError, match="cost: boom"):
+        _unlearn(cfg, tmp_path)
+    run = tmp_path / "late"
+    assert (run / "model" / "model.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["cost"] is None
+    assert summary["errors"] == ["ConfigError: cost: boom", "RuntimeError: boom in the report"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and "after" in metrics and "cost" not in metrics
+    assert not (run / "report.md").exists()

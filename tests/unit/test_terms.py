@@ -84,3 +84,25 @@ def test_registry_errors():
         build_method(MethodConfig(name="ga", params={"beta": 0.1}))
     m = build_method(MethodConfig(name="ga_gd", weights={"retain": 0.5}))
     assert term_weights(m, MethodConfig(name="ga_gd", weights={"retain": 0.5})) == {"forget": 1.0, "retain": 0.5}
+
+
+def test_adversarial_targets_skip_special_tokens():
+    """theta_0's best wrong guess, never a special token; a true special target keeps its label; padding stays masked.
+
+    Vocabulary of 6: 0 = pad, 1 = EOS, 2 = BOS (special), 3..5 text.
+    """
+    from dsunlearn.methods.terms import adversarial_targets
+    special = torch.tensor([0, 1, 2])
+    logits = torch.tensor([[
+        [9.0, 8.0, 1.0, 7.0, 2.0, 6.0],   # predicts 3 (true, excluded); EOS and pad rank above every text token -> 5
+        [0.0, 9.0, 8.0, 1.0, 3.0, 2.0],   # predicts 5; EOS, BOS best -> 4
+        [0.0, 9.0, 0.0, 5.0, 4.0, 0.0],   # predicts EOS (special): keeps EOS
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],   # predicts padding: masked
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],   # last position: predicts nothing
+    ]])
+    labels = torch.tensor([[2, 3, 5, 1, IGNORE_INDEX]])
+    out = adversarial_targets(logits, labels, special)
+    assert out.tolist() == [[2, 5, 4, 1, IGNORE_INDEX]]
+    # Without exclusions the same logits give the special tokens (the behaviour before the fix).
+    assert adversarial_targets(logits, labels, torch.tensor([], dtype=torch.long)).tolist() == [
+        [2, 0, 1, 3, IGNORE_INDEX]]
