@@ -22,6 +22,7 @@ setup(
         "numpy",
         "matplotlib>=3.7",
         "scikit-learn>=1.3",
+        "scipy>=1.10",  # the KS test of TOFU's forget quality
         "rdata>=1.0",  # the demo world's R data sets (dsunlearn/demo/lazyload.py)
     ],
     extras_require={

@@ -141,14 +141,21 @@ class EvalConfig:
     micro_batch_size: int = 4
     """Chunks per rank per evaluation forward."""
     stop_tolerance: float = 0.0
-    """Stop rule: stop when |forget loss - target| <= this (nats). 0 disables the rule."""
+    """Stop rule: stop at the first evaluation where the forget loss has reached ``target - stop_tolerance`` (nats; a
+    one-sided crossing) and export the evaluated step (never step 0) that best meets the verdict's criteria
+    (docs/evaluation.md). Also the slack of the verdict's forget criterion. 0 disables the rule; > 0 needs
+    ``every_n_steps`` > 0."""
     stop_target: str = "original_approximate"
     """The forget-loss target: "original_approximate" (the original model's loss on unseen in-distribution text:
     the study's approximate-retrain target, fixed before unlearning starts), "current_approximate" (the approximate
     loss of the model being unlearned: moves as the model degrades, so a wrecked model can meet it) or
     "retrained_forget" (the exactly retrained model's forget loss; needs eval.retrained_model)."""
-    stop_auc_band: Optional[float] = None
-    """Stop rule (optional extra condition): LOSS-attack AUC within 0.5 +- band."""
+    auc_band: Optional[float] = None
+    """Verdict: the strongest membership attack's AUC may exceed the unseen-like level (the twin's strongest attack,
+    else 0.5) by at most this; None = two standard deviations of a random scorer's AUC at the evaluated set sizes
+    (at least 0.05)."""
+    utility_tolerance: float = 0.03
+    """Verdict: retain and approximate loss may rise by at most this fraction of the original model's."""
     retrained_model: Optional[str] = None
     """An exactly retrained model (the demo world has one): every figure is reported for it too."""
     mia: bool = True
@@ -380,6 +387,10 @@ def validate(cfg: RunConfig) -> None:
         (e.micro_batch_size >= 1, "eval.micro_batch_size: expected >= 1"),
         (e.max_chunks is None or e.max_chunks >= 1, "eval.max_chunks: expected >= 1 or null"),
         (e.stop_tolerance >= 0, "eval.stop_tolerance: expected >= 0"),
+        (not rule_on or e.every_n_steps > 0,
+         "eval.stop_tolerance > 0 needs eval.every_n_steps > 0: the stop rule is checked at evaluations"),
+        (e.auc_band is None or 0 < e.auc_band < 0.5, "eval.auc_band: expected 0 < band < 0.5 or null"),
+        (e.utility_tolerance >= 0, "eval.utility_tolerance: expected >= 0"),
         (not rule_on or "forget" in e.splits, "eval.stop_tolerance: the stop rule needs 'forget' in eval.splits"),
         (c.pretrain_tokens is None or c.pretrain_tokens > 0, "cost.pretrain_tokens: expected > 0 or null"),
         (c.known_model is None or c.known_model in KNOWN_PRETRAINING,

@@ -201,7 +201,7 @@ def train(run: Run, state: RunState, num_steps: int, logger: RunLogger, evaluato
             save_checkpoint(run.engine, run_dir, state.step, cfg.checkpoint.keep_last)
         if evaluator is not None and cfg.eval.every_n_steps and state.step % cfg.eval.every_n_steps == 0:
             if evaluator.evaluate(state.step, label=f"step {state.step}") == "stop":
-                state.stop_reason = "stop rule: the forget set looks unseen"
+                state.stop_reason = "stop rule: the forget loss reached the target"
                 break
     return EXIT_OK, True
 

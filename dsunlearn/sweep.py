@@ -13,10 +13,10 @@ Resumable: a point whose run directory holds ``summary.json`` and ``metrics.json
 its run config or resolved ZeRO config differs from what the point would run now, that is an error, never a silent
 mix); any other point is (re)run from scratch. Rerunning the same command after a crash finishes the sweep.
 
-Target band (one point): the forget loss within ``forget_tol`` of the target, AND the retain loss at most
-``retain_tol`` above the original model's. The target is the exactly retrained model's forget loss when
-``eval.retrained_model`` is set, else the approximate (unseen, in-distribution) set's loss under the ORIGINAL model.
-Robustness of a method = points in the band / points of the method.
+In band (one point): the verdict of its exported weights is "forgotten", by the same criteria as every run's verdict
+(``eval/verdict.py``: forget loss at the target, no attack separating forget from unseen text beyond the band, retain
+and approximate loss within ``eval.utility_tolerance``). Robustness of a method = points in the band / points of the
+method. ``forget_tol`` and ``retain_tol`` only mark the heatmaps (overshot, retain degraded).
 
 Method specs: ``name`` or ``name:retain|general`` (which set feeds the retain stream, ``data.retain_source``);
 without a suffix the run config's ``data.retain_source`` applies. The run config's ``method.weights``/``params``
@@ -259,8 +259,8 @@ def _finite(x) -> Optional[float]:
 def point_figures(metrics: dict, forget_tol: float, retain_tol: float) -> dict:
     """The figures of one finished point from its metrics.json.
 
-    Judged on the weights the run delivers ("after": with the stop rule on, the evaluation that came closest to its
-    target, which is the original model when every later evaluation was further away). ``final_*`` are the last
+    Judged on the weights the run delivers ("after": with the stop rule on, the evaluated step that best met the
+    verdict's criteria, never the original model) by the run's own verdict. ``final_*`` are the last
     evaluation's (the final weights): a run that jumped over the band between two evaluations is ``overshot`` even
     when what it exports sits below the target.
     """
@@ -290,8 +290,7 @@ def point_figures(metrics: dict, forget_tol: float, retain_tol: float) -> dict:
         "retain_degradation": degradation,
         "general_degradation": delta(loss["general"], general0),
         "retain_degraded": degradation is None or degradation > retain_tol,
-        "in_band": gap is not None and abs(gap) <= forget_tol and degradation is not None
-                   and degradation <= retain_tol,
+        "in_band": bool((metrics.get("judgement") or {}).get("ok")),  # the run's own verdict criteria
         "final_forget_gap": final_gap, "final_retain_degradation": delta(final_retain, retain0),
         # A non-finite final forget loss (divergence) counts as overshooting.
         "overshot": final_gap is None or final_gap > forget_tol,
@@ -320,8 +319,7 @@ def summarize(points: list[Point], meta: dict, forget_tol: float, retain_tol: fl
     targets = sorted({r["target_source"] for r in rows if r.get("target_source")})
     return {"schema_version": SCHEMA_VERSION, **meta,
             "target": targets[0] if len(targets) == 1 else targets,
-            "band": f"|forget loss - target| <= {forget_tol} nats and retain loss - original retain loss <= "
-                    f"{retain_tol} nats",
+            "band": "the verdict of the exported weights is 'forgotten' (eval/verdict.py, docs/evaluation.md)",
             "robustness": robustness, "points": rows}
 
 

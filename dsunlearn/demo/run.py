@@ -3,8 +3,8 @@
 1. Build (or reuse) the demo world: books, papers and code from Debian/PyPI packages, split into forget / retain /
    approximate / general sets, and its tokenizer (``.cache/demo_world``).
 2. Take the committed model pair: the original (trained with the forget set) and its exact-retrain twin.
-3. Unlearn the original with GA+GD (``dsunlearn/configs/demo.json``), evaluating every 10 steps and stopping when
-   the forget set looks unseen.
+3. Unlearn the original with GA+GD (``dsunlearn/configs/demo.json``), evaluating every 5 steps and stopping when
+   the forget loss reaches the target; the verdict says whether that is forgetting (eval/verdict.py).
 4. Write the report (markdown + PNG plots): before / after / retrained side by side.
 
 The same flow with your own model and data: ``dsunlearn unlearn --config YOUR.json`` with ``model.path``,
@@ -48,6 +48,21 @@ def check_pair(manifest: dict, pretrained: Path) -> list[str]:
     return []
 
 
+def demo_attack_rows(metrics: dict) -> list[tuple[str, list[str]]]:
+    """The LOSS attack, the strongest attack (which one, its AUC) and PrivLeak for before / after / retrained."""
+    from ..eval.verdict import REFERENCE_ATTACK, extreme_attacks
+    cols = [metrics.get(k) for k in ("before", "after", "retrained")]
+    loss = [f"{c['mia']['loss']['auc']:.3f}" if c else "-" for c in cols]
+    # The twin's own reference attack is calibrated by the twin itself (0.5 by construction): left out for it.
+    strongest = [extreme_attacks(c["mia"], exclude=(REFERENCE_ATTACK,) if i == 2 else ())[0] if c else None
+                 for i, c in enumerate(cols)]
+    names = [s[0].replace("min_k_pp_", "mkpp").replace("min_k_", "mk") if s else "-" for s in strongest]
+    aucs = [f"{s[1]:.3f}" if s else "-" for s in strongest]
+    leak = [f"{c['distance']['privleak']:+.3f}" if c and "privleak" in c.get("distance", {}) else "-"
+            for c in cols]
+    return [("LOSS-attack AUC", loss), ("strongest attack", names), ("  its AUC", aucs), ("PrivLeak", leak)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsunlearn demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", default=".cache/demo_world", help="demo world cache")
@@ -76,9 +91,8 @@ def main(argv=None) -> int:
             row = [metrics[k]["splits"][split]["loss"] if metrics.get(k) else float("nan")
                    for k in ("before", "after", "retrained")]
             print(f"{split:<16}{row[0]:>9.3f}{row[1]:>9.3f}{row[2]:>11.3f}")
-        auc = [metrics[k]["mia"]["loss"]["auc"] if metrics.get(k) else float("nan")
-               for k in ("before", "after", "retrained")]
-        print(f"{'LOSS-attack AUC':<16}{auc[0]:>9.3f}{auc[1]:>9.3f}{auc[2]:>11.3f}")
+        for label, row in demo_attack_rows(metrics):
+            print(f"{label:<16}" + "".join(f"{v:>{w}}" for v, w in zip(row, (9, 9, 11))))
         print(f"steps: {metrics['steps']} ({metrics['stop_reason'] or 'all planned steps'})")
         print(f"verdict: {metrics['verdict']}")
         for w in warnings:

@@ -52,6 +52,18 @@ def mia_table(columns: dict[str, Optional[dict]]) -> list[str]:
     return lines
 
 
+def distance_line(distance: dict) -> str:
+    """PrivLeak (MUSE) of the strongest attack and TOFU's forget quality, as the report's one line."""
+    parts = []
+    if "privleak" in distance:
+        parts.append(f"PrivLeak {distance['privleak']:+.3f} (attack `{distance['privleak_attack']}`; 0 = the twin, "
+                     f"negative = over-unlearned)")
+    if "forget_quality" in distance:
+        parts.append(f"forget quality (KS p-value vs the twin's per-chunk forget losses) "
+                     f"{distance['forget_quality']:.3g}")
+    return "; ".join(parts) or "–"
+
+
 def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], retrained: Optional[dict],
                  extra_sections: Optional[list[str]] = None, split_check: Optional[dict] = None) -> Path:
     run_dir = Path(run_dir)
@@ -85,10 +97,12 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
              f"- steps run: {metrics.get('steps')}; weights exported from step {metrics.get('exported_step')}",
              f"- stop: {metrics.get('stop_reason') or 'planned number of steps reached'}",
              f"- **verdict: {metrics.get('verdict')}**{caveat}",
+             f"- distance to retraining: {distance_line(metrics.get('distance_to_retraining') or {})}",
              f"- target forget loss: {_fmt(metrics.get('after', {}).get('target'))} ({metrics.get('stop_target')})", "",
              "## Losses (mean token NLL) and top-1 accuracy", "",
              "`after` = the exported weights; `retrained` = the exactly retrained twin (when given). "
-             "The forget set looks unseen when its loss matches the approximate (unseen) set's and the twin's.", "",
+             "Forgotten means: forget loss at the target, no attack beyond the twin's level (or chance), retain and "
+             "approximate loss within the utility tolerance (docs/evaluation.md).", "",
              *split_table(columns), *([f"{caveat.strip()}"] if caveat else []), "",
              "## Membership inference (AUC 0.5 = indistinguishable; reported as is, never folded)", "",
              *mia_table(columns), *([f"{caveat.strip()}"] if caveat else []), ""]

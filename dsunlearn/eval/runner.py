@@ -24,10 +24,11 @@ from ..prepare import prepare, with_model
 from ..rundir import RunLogger, RunState
 from .metrics import chunk_stats, concat_stats, split_metrics
 from .mia import attack_report
+from .verdict import distance_to_retraining, judge, verdict_line
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: judgement, distance_to_retraining; the verdict from eval/verdict.py
 MEMBER_SPLIT, NONMEMBER_SPLIT = "forget", "approximate"
 
 
@@ -117,32 +118,26 @@ def target_loss(cfg: RunConfig, result: dict, before: Optional[dict], retrained:
 
 
 def stop_rule_holds(result: dict, cfg: RunConfig) -> bool:
-    """"The forget set looks unseen": |forget loss - target| <= tolerance (and LOSS AUC in band, if asked)."""
-    if cfg.eval.stop_tolerance <= 0 or result.get("target_gap") is None:
+    """The stop rule (on when ``eval.stop_tolerance > 0``): the forget loss has reached ``target - tolerance``, a
+    one-sided crossing. A run that overshoots between two evaluations stops at the first one past the crossing; the
+    exported weights are then the evaluated step that best meets the verdict's criteria (``Evaluator``)."""
+    if cfg.eval.stop_tolerance <= 0 or result.get("target") is None or MEMBER_SPLIT not in result["splits"]:
         return False
-    ok = abs(result["target_gap"]) <= cfg.eval.stop_tolerance
-    if ok and cfg.eval.stop_auc_band is not None and "mia" in result:
-        ok = abs(result["mia"]["loss"]["auc"] - 0.5) <= cfg.eval.stop_auc_band
-    return ok
+    return result["splits"][MEMBER_SPLIT]["loss"] >= result["target"] - cfg.eval.stop_tolerance
 
 
-def verdict(result: dict, cfg: RunConfig) -> str:
-    """A plain word for the final state, judged against the approximate set (or the retrained twin's gap)."""
-    if result.get("target_gap") is None:
-        return "no target: forget-vs-unseen not judged (needs data.approximate or eval.retrained_model)"
-    tol = cfg.eval.stop_tolerance if cfg.eval.stop_tolerance > 0 else 0.05
-    gap = result["target_gap"]
-    if abs(gap) <= tol:
-        return "forgotten: the forget set looks unseen"
-    if gap > tol:
-        return "FAILURE: over-unlearned (forget loss far above unseen text)"
-    return "not yet forgotten (forget loss still below unseen text)"
+def better(candidate: dict, incumbent: Optional[dict]) -> bool:
+    """Is ``candidate``'s judgement better than ``incumbent``'s? Forgotten first, then the smaller distance."""
+    if incumbent is None:
+        return True
+    key = lambda j: (0 if j["ok"] else 1, j["distance"])  # noqa: E731
+    return key(candidate) < key(incumbent)
 
 
 def compact(result: dict) -> dict:
     """The figures of one evaluation without per-chunk lists and ROC points (for logs and history)."""
     out = {"splits": result["splits"]}
-    for key in ("forget_gap", "target", "target_gap"):
+    for key in ("forget_gap", "target", "target_gap", "judgement", "distance"):
         if result.get(key) is not None:
             out[key] = result[key]
     if "mia" in result:
@@ -156,6 +151,11 @@ def scalars(result: dict, prefix: str = "eval") -> dict:
     out.update({f"{prefix}/{name}/accuracy": m["accuracy"] for name, m in result["splits"].items()})
     if "mia" in result:
         out.update({f"{prefix}/mia/{k}/auc": v["auc"] for k, v in result["mia"].items()})
+    figures = result.get("judgement", {}).get("figures", {})
+    if "strongest_auc" in figures:
+        out[f"{prefix}/mia/strongest_auc"] = figures["strongest_auc"]
+    if "privleak" in result.get("distance", {}):
+        out[f"{prefix}/privleak"] = result["distance"]["privleak"]
     for key in ("forget_gap", "target_gap"):
         if result.get(key) is not None:
             out[f"{prefix}/{key}"] = result[key]
@@ -178,12 +178,14 @@ class Evaluator:
     """
 
     def __init__(self, cfg: RunConfig, engine, tokenizer, logger, ds_config: dict, run_dir: str, streams: dict,
-                 track_best: bool = True, resume_step: Optional[int] = None):
+                 track_best: bool = True, resume_step: Optional[int] = None, standalone: bool = False):
         self.cfg, self.engine, self.tokenizer, self.logger = cfg, engine, tokenizer, logger
         self.run_dir = Path(run_dir)
         self.pad_id = tokenizer.pad_token_id
         self.splits = load_eval_splits(cfg, tokenizer, streams)
         self.tracks_best = track_best and cfg.eval.stop_tolerance > 0  # config.validate checked the splits it needs
+        # ``dsunlearn eval`` scores one model: there is no "before unlearning" to judge it against.
+        self.standalone = standalone
         self.split_check: Optional[dict] = None
         self.history: list[dict] = []
         self.best: Optional[dict] = None
@@ -194,6 +196,7 @@ class Evaluator:
         if cfg.eval.retrained_model:  # prepare() has checked the directory
             frozen, _handle = load_frozen(cfg, ds_config, cfg.eval.retrained_model)
             self.retrained = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=cfg.eval.mia)
+            self.retrained["distance"] = distance_to_retraining(self.retrained, self.retrained)  # PrivLeak 0: the scale
             # The retrained model's per-chunk loss calibrates the reference-model attack on the trained one.
             self.ref_nll = {n: torch.tensor(v, dtype=torch.float64) for n, v in self.retrained["chunk_loss"].items()}
             del frozen
@@ -249,24 +252,36 @@ class Evaluator:
         if target is not None and MEMBER_SPLIT in result["splits"]:
             result["target"] = target
             result["target_gap"] = result["splits"][MEMBER_SPLIT]["loss"] - target
+        result["judgement"] = self.judge(result)
+        result["distance"] = distance_to_retraining(result, self.retrained)
         entry = {"step": step, "label": label, **compact(result)}
         self.history.append(entry)
         self.last_full = result
         self.logger.scalars(step, scalars(result))
         if E.is_main():
             log.info("eval %s: %s", label, ", ".join(f"{k} {v['loss']:.4f}" for k, v in result["splits"].items()))
-        if self.tracks_best and (self.best is None or abs(result["target_gap"]) < abs(self.best["entry"]["target_gap"])):
+            log.info("eval %s: %s", label, verdict_line(result["judgement"]))
+        # The original (step 0) is never the result: the best is chosen among unlearned steps only.
+        if self.tracks_best and step > 0 and better(result["judgement"], self.best and self.best["result"]["judgement"]):
             self.best = {"entry": entry, "result": result}
             if self.cfg.output.save_model:
                 E.export_hf_model(self.engine, self.tokenizer, str(self.run_dir / "model"))
         self._save_state()
-        return "stop" if stop_rule_holds(result, self.cfg) else None
+        return "stop" if step > 0 and stop_rule_holds(result, self.cfg) else None
+
+    def judge(self, result: dict) -> dict:
+        e = self.cfg.eval
+        before = None if self.standalone else self.before
+        return judge(result, before, self.retrained, stop_tolerance=e.stop_tolerance,
+                     utility_tolerance=e.utility_tolerance, auc_band=e.auc_band,
+                     split_check=None if self.standalone else self.split_check)
 
     def finish(self, state, extra: Optional[dict] = None) -> dict:
         """Final evaluation (when the last one was not of the final weights), metrics.json, report.md, plots."""
         if not self.history or self.history[-1]["step"] != state.step or self.last_full is None:
             self.evaluate(state.step, label="after")
-        after = self.best if self.tracks_best else {"entry": self.history[-1], "result": self.last_full}
+        last = {"entry": self.history[-1], "result": self.last_full}
+        after = (self.best or last) if self.tracks_best else last
         metrics = {
             "schema_version": SCHEMA_VERSION,
             "method": self.cfg.method.name,
@@ -275,7 +290,9 @@ class Evaluator:
             "stop_reason": state.stop_reason,
             "exported_step": after["entry"]["step"],
             "stop_target": self.cfg.eval.stop_target,
-            "verdict": verdict(after["result"], self.cfg),
+            "verdict": verdict_line(after["result"]["judgement"]),
+            "judgement": after["result"]["judgement"],
+            "distance_to_retraining": after["result"]["distance"],
             "before": compact(self.before),
             "after": compact(after["result"]),
             "retrained": compact(self.retrained) if self.retrained else None,
@@ -300,6 +317,6 @@ def run_eval(cfg: RunConfig, zero_path: str, model_dir: str, out_dir: str) -> di
     E.barrier()
     frozen, _handle = load_frozen(p.cfg, p.ds_config, model_dir)
     evaluator = Evaluator(p.cfg, frozen, p.tokenizer, RunLogger(out_dir, 0, 0, enabled=False), p.ds_config, out_dir,
-                          p.eval_streams, track_best=False)
+                          p.eval_streams, track_best=False, standalone=True)
     evaluator.evaluate(0, label="model")
     return evaluator.finish(RunState(step=0))

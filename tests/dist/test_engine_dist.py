@@ -168,6 +168,22 @@ def test_eval_matches_plain_transformers_one_chunk_at_a_time(runs, toy_world):
 def test_run_writes_report_and_metrics(runs):
     for name in ("metrics.json", "report.md", "plots/roc.png", "plots/hist.png", "summary.json"):
         assert (runs["two"] / name).is_file(), name
+    from dsunlearn.eval.verdict import verdict_line
     metrics = json.loads((runs["two"] / "metrics.json").read_text())
-    assert metrics["schema_version"] == 1 and metrics["steps"] == NUM_STEPS
+    summary = json.loads((runs["two"] / "summary.json").read_text())
+    rows = _rows(runs["two"])
+    assert metrics["schema_version"] == 2 and metrics["steps"] == NUM_STEPS == summary["steps"] == rows[-1]["step"]
     assert [h["step"] for h in metrics["history"]] == [0, NUM_STEPS]
+    # No stop rule: the exported weights are the final ones, and "after" is their evaluation.
+    assert metrics["exported_step"] == NUM_STEPS and metrics["after"]["splits"] == metrics["history"][-1]["splits"]
+    assert metrics["before"]["splits"] == metrics["history"][0]["splits"]
+    assert metrics["verdict"] == verdict_line(metrics["judgement"]) == verdict_line(metrics["after"]["judgement"])
+    assert metrics["cost"] == summary["cost"] and summary["cost"]["steps"] == NUM_STEPS
+    assert summary["skipped_steps"] == sum(r["skipped"] for r in rows) == 0 and summary["errors"] == []
+    # The report states the same figures.
+    report = (runs["two"] / "report.md").read_text()
+    assert f"**verdict: {metrics['verdict']}**" in report
+    assert f"steps run: {NUM_STEPS}; weights exported from step {NUM_STEPS}" in report
+    for split, m in metrics["after"]["splits"].items():
+        before = metrics["before"]["splits"][split]
+        assert f"| {split} | {before['loss']:.3f} | {m['loss']:.3f} |" in report, split

@@ -253,3 +253,27 @@ def test_a_failure_after_training_keeps_the_model_and_the_results(toy_world, tmp
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 2 and "after" in metrics and "cost" not in metrics
     assert not (run / "report.md").exists()
+
+
+def test_the_stop_rule_exports_the_weights_of_the_best_evaluated_step(toy_world, tmp_path, monkeypatch):
+    """model/ holds the weights of the step the evaluator judged best, exported when it was evaluated: equal to a
+    plain run of that many steps. The toy model is untrained (every split ~6.15 nats: "cannot judge"), so the
+    judgement is scripted to prefer step 3 and the crossing is held off; the export path is the real one."""
+    from dsunlearn.eval import runner
+    monkeypatch.setattr(runner.Evaluator, "judge",
+                        lambda self, result: {"ok": False, "status": "scripted", "reasons": [], "figures": {},
+                                              "distance": abs(len(self.history) - 3)})
+    monkeypatch.setattr(runner, "stop_rule_holds", lambda result, cfg: False)
+    sections = dict(method={"name": "ga_gd"}, data={"general": None},
+                    train={"lr": 5e-3, "micro_batch_size": 2, "num_steps": 6, "schedule": "constant",
+                           "warmup_ratio": 0.0},
+                    eval={"max_chunks": 8, "micro_batch_size": 4, "split_check": False})
+    cfg = write_run_config(tmp_path / "rule.json", toy_world, tmp_path / "rule", **{
+        **sections, "eval": {**sections["eval"], "every_n_steps": 1, "stop_tolerance": 0.05}})
+    assert _unlearn(cfg, tmp_path) == 0
+    metrics = json.loads((tmp_path / "rule" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["exported_step"] == 3
+    plain = write_run_config(tmp_path / "plain.json", toy_world, tmp_path / "plain", **{
+        **sections, "train": {**sections["train"], "num_steps": 3}})
+    assert _unlearn(plain, tmp_path) == 0
+    _assert_equal_weights(_weights(tmp_path / "rule" / "model"), _weights(tmp_path / "plain" / "model"))

@@ -1,13 +1,25 @@
-"""The stop rule and the verdict: targets, tolerance, AUC band, over-unlearning reported as failure."""
+"""The stop rule, the verdict and the exported step (eval/verdict.py, eval/runner.py), on scripted evaluations."""
+import math
+
 import pytest
 
+from dsunlearn import engine as E
 from dsunlearn.config import ConfigError, load_run_config
-from dsunlearn.eval.runner import stop_rule_holds, target_loss, verdict
+from dsunlearn.eval import runner
+from dsunlearn.eval.runner import Evaluator, stop_rule_holds, target_loss
+from dsunlearn.eval.verdict import (CANNOT_JUDGE, FORGOTTEN, NOT_FORGOTTEN, OVER_UNLEARNED, distance_to_retraining,
+                                    forget_quality, judge, null_auc_band, privleak, verdict_line)
+from dsunlearn.rundir import RunLogger
+
+N = 64  # chunks per split: the null band is 2 * sqrt(129 / (12 * 64 * 64)) = 0.10247
 
 
-def _result(forget, approx, auc=0.5):
-    r = {"splits": {"forget": {"loss": forget}, "approximate": {"loss": approx}}, "forget_gap": forget - approx,
-         "mia": {"loss": {"auc": auc}}}
+def _result(forget, approx=5.1, retain=4.6, aucs=None, chunk_loss=None):
+    aucs = aucs or {"loss": 0.5, "min_k_10": 0.5, "ref": 0.5}
+    r = {"splits": {name: {"loss": loss, "accuracy": 0.1, "num_chunks": N}
+                    for name, loss in (("forget", forget), ("approximate", approx), ("retain", retain))},
+         "forget_gap": forget - approx, "mia": {k: {"auc": v} for k, v in aucs.items()},
+         "chunk_loss": {"forget": chunk_loss or [forget] * 3}}
     return r
 
 
@@ -17,10 +29,18 @@ def _with_target(cfg, result, before, retrained=None):
     return result
 
 
+def _judge(result, before, twin=None, tol=0.1, utility=0.03, band=None, split_check=None):
+    return judge(result, before, twin, stop_tolerance=tol, utility_tolerance=utility, auc_band=band,
+                 split_check=split_check)
+
+
+BEFORE = _result(4.0, aucs={"loss": 0.9, "min_k_10": 0.95, "ref": 0.97})
+
+
 def test_targets():
     before, retrained = _result(4.0, 5.1), _result(5.2, 5.05)
     now = _result(5.0, 5.7)
-    cfg = load_run_config(None, ["eval.stop_tolerance=0.15"])
+    cfg = load_run_config(None, ["eval.stop_tolerance=0.15", "eval.every_n_steps=5"])
     assert target_loss(cfg, now, before, retrained) == 5.1  # default: the ORIGINAL model's approximate loss
     cfg = load_run_config(None, ["eval.stop_target=current_approximate"])
     assert target_loss(cfg, now, before, retrained) == 5.7
@@ -30,19 +50,141 @@ def test_targets():
         load_run_config(None, ["eval.stop_target=retrained_forget"])
 
 
-def test_rule_tolerance_band_and_verdicts():
-    before = _result(4.0, 5.1)
-    cfg = load_run_config(None, ["eval.stop_tolerance=0.1"])
-    close = _with_target(cfg, _result(5.05, 5.6), before)
-    assert stop_rule_holds(close, cfg) and verdict(close, cfg).startswith("forgotten")
-    under = _with_target(cfg, _result(4.8, 5.5), before)
-    assert not stop_rule_holds(under, cfg) and verdict(under, cfg).startswith("not yet forgotten")
-    over = _with_target(cfg, _result(6.0, 6.1), before)
-    assert not stop_rule_holds(over, cfg) and verdict(over, cfg).startswith("FAILURE: over-unlearned")
-    # With the AUC band the rule also needs the LOSS attack near chance.
-    cfg = load_run_config(None, ["eval.stop_tolerance=0.1", "eval.stop_auc_band=0.05"])
-    assert not stop_rule_holds(_with_target(cfg, _result(5.05, 5.6, auc=0.7), before), cfg)
-    assert stop_rule_holds(_with_target(cfg, _result(5.05, 5.6, auc=0.52), before), cfg)
-    # Tolerance 0 disables the rule.
+def test_a_rule_that_could_never_run_is_refused():
+    with pytest.raises(ConfigError, match="eval.stop_tolerance > 0 needs eval.every_n_steps > 0"):
+        load_run_config(None, ["eval.stop_tolerance=0.1"])
+    with pytest.raises(ConfigError, match="eval.auc_band"):
+        load_run_config(None, ["eval.auc_band=0.7"])
+
+
+def test_the_stop_rule_is_a_one_sided_crossing():
+    cfg = load_run_config(None, ["eval.stop_tolerance=0.1", "eval.every_n_steps=5"])
+    assert not stop_rule_holds(_with_target(cfg, _result(4.9), BEFORE), cfg)   # 0.2 short of 5.1
+    assert stop_rule_holds(_with_target(cfg, _result(5.0), BEFORE), cfg)       # within the tolerance below
+    assert stop_rule_holds(_with_target(cfg, _result(9.0), BEFORE), cfg)       # far past it: still stops
+    assert not stop_rule_holds(_with_target(load_run_config(None, []), _result(9.0), BEFORE),
+                               load_run_config(None, []))                     # tolerance 0: the rule is off
+
+
+def test_verdict_criteria_with_numbers():
     cfg = load_run_config(None, [])
-    assert not stop_rule_holds(_with_target(cfg, _result(5.1, 5.6), before), cfg)
+    at = _with_target(cfg, _result(5.05, 5.15, 4.65), BEFORE)
+    j = _judge(at, BEFORE)
+    assert j["status"] == FORGOTTEN and j["ok"] and j["distance"] == 0
+    assert verdict_line(j).startswith("forgotten: forget loss 5.050 at the target 5.100; strongest attack")
+    # Short of the target.
+    j = _judge(_with_target(cfg, _result(4.8), BEFORE), BEFORE)
+    assert j["status"] == NOT_FORGOTTEN and j["reasons"] == ["forget loss 4.800 below the target 5.100 (-0.300 nats)"]
+    assert j["distance"] == pytest.approx(0.2)
+    # At the target, but an attack still separates (the band: two null sd at 64 + 64 chunks).
+    band = 2 * math.sqrt(129 / (12 * 64 * 64))
+    j = _judge(_with_target(cfg, _result(5.1, aucs={"loss": 0.6, "min_k_10": 0.89}), BEFORE), BEFORE)
+    assert j["status"] == NOT_FORGOTTEN
+    assert j["reasons"] == [f"forget loss at target, but Min-K% (k=10) still separates forget from unseen text: AUC "
+                            f"0.890, unseen-like is <= {0.5 + band:.3f}"]
+    # Over-unlearned: utility lost, and the forget set now harder than unseen text.
+    j = _judge(_with_target(cfg, _result(7.0, 5.2, 5.05, aucs={"loss": 0.1, "min_k_10": 0.3}), BEFORE), BEFORE)
+    assert j["status"] == OVER_UNLEARNED and not j["ok"]
+    assert j["reasons"] == [f"the LOSS attack ranks forget chunks as harder than unseen text: AUC 0.100, unseen-like is >= "
+                            f"{0.5 - band:.3f}", "retain +0.450 nats (+9.8%, tolerance 3%)"]
+    assert verdict_line(j) == "over-unlearned: " + "; ".join(j["reasons"])
+
+
+def test_the_auc_band_follows_the_twin_and_the_set_sizes():
+    cfg = load_run_config(None, [])
+    assert null_auc_band(64, 64) == pytest.approx(2 * math.sqrt(129 / (12 * 64 * 64)))
+    assert null_auc_band(10_000, 10_000) == 0.05  # the floor
+    # With a twin the unseen-like level is its strongest attack, its own reference attack left out (0.5 by
+    # construction there: it is calibrated by the twin itself).
+    twin = _result(5.2, aucs={"loss": 0.46, "min_k_10": 0.56, "ref": 0.5})
+    now = _with_target(cfg, _result(5.1, aucs={"loss": 0.55, "min_k_10": 0.62, "ref": 0.6}), BEFORE)
+    j = _judge(now, BEFORE, twin=twin, band=0.05)
+    assert j["figures"]["unseen_like_high"] == pytest.approx(0.61)
+    assert j["status"] == NOT_FORGOTTEN and "AUC 0.620, unseen-like is <= 0.610" in j["reasons"][0]
+    assert _judge(now, BEFORE, twin=twin, band=0.07)["ok"]
+
+
+def test_a_state_that_already_fails_the_rule_cannot_be_judged():
+    cfg = load_run_config(None, [])
+    # The smollm case: the forget set was already above the target before the first step.
+    before = _result(5.3, 5.1)
+    after = _with_target(cfg, _result(5.6, 5.1), before)
+    j = _judge(after, before)
+    assert j["status"] == CANNOT_JUDGE and not j["ok"] and "already at or above the target 5.100" in j["reasons"][0]
+    assert verdict_line(j).startswith("cannot judge: before unlearning the forget loss 5.300")
+    j = _judge(_with_target(cfg, _result(5.1), BEFORE), BEFORE, split_check={"passed": False, "reasons": ["blind"]})
+    assert j["status"] == CANNOT_JUDGE and "split check failed" in j["reasons"][0]
+
+
+def test_privleak_and_forget_quality_by_hand():
+    assert privleak(0.9, 0.6) == pytest.approx(0.5)    # (0.9 - 0.6) / 0.6
+    assert privleak(0.3, 0.5) == pytest.approx(-0.4)   # over-unlearned: negative
+    # Two fully separated samples of 3: D = 1, exact two-sided p = 2 / C(6, 3) = 0.1.
+    assert forget_quality([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.1)
+    assert forget_quality([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    twin = _result(5.2, aucs={"loss": 0.45, "min_k_10": 0.6, "ref": 0.5}, chunk_loss=[4.0, 5.0, 6.0])
+    now = _result(5.0, aucs={"loss": 0.7, "min_k_10": 0.9, "ref": 0.8}, chunk_loss=[1.0, 2.0, 3.0])
+    d = distance_to_retraining(now, twin)
+    assert d["privleak_attack"] == "min_k_10" and d["privleak"] == pytest.approx((0.9 - 0.6) / 0.6)
+    assert d["privleak_per_attack"]["ref"] == pytest.approx(0.6) and d["forget_quality"] == pytest.approx(0.1)
+    assert distance_to_retraining(now, None)["privleak"] == pytest.approx((0.9 - 0.5) / 0.5)
+
+
+# ------------------------------------------------------------------------------- the Evaluator on scripted results
+
+class _Tok:
+    pad_token_id = 0
+
+
+@pytest.fixture
+def scripted(tmp_path, monkeypatch):
+    """An Evaluator whose evaluations return the given results in order; exports are recorded by step."""
+    exports, script, steps = [], [], []
+    monkeypatch.setattr(runner, "evaluate_model", lambda *a, **k: script.pop(0))
+    monkeypatch.setattr(E, "export_hf_model", lambda *a, **k: exports.append(steps[-1]))
+    cfg = load_run_config(None, ["eval.stop_tolerance=0.1", "eval.every_n_steps=5", "eval.split_check=false",
+                                 f"output.run_dir={tmp_path}"])
+    ev = Evaluator(cfg, engine=None, tokenizer=_Tok(), logger=RunLogger(str(tmp_path), 0, 0, enabled=False),
+                   ds_config={}, run_dir=str(tmp_path), streams={})
+
+    def run(results):
+        script.extend(r for _, r in results)
+        decisions = []
+        for step, _ in results:
+            steps.append(step)
+            decisions.append(ev.evaluate(step, label=f"step {step}"))
+        return decisions
+    return ev, run, exports
+
+
+def test_an_overshoot_stops_at_the_crossing_and_exports_the_best_evaluated_step(scripted):
+    ev, run, exports = scripted
+    over = _result(7.0, 5.3, 5.2, aucs={"loss": 0.1, "min_k_10": 0.2})   # far past the target: wrecked
+    decisions = run([(0, BEFORE), (5, _result(4.95, 5.12, 4.62)), (10, over)])
+    # The old |gap| <= tolerance rule never stopped here (gaps -0.15 and +1.9): the crossing does, at step 10.
+    assert decisions == [None, None, "stop"]
+    assert ev.best["entry"]["step"] == 5 and exports == [5]
+    assert ev.best["result"]["judgement"]["status"] == NOT_FORGOTTEN  # 0.05 short of 5.0: closer than step 10
+
+
+def test_an_all_overshoot_run_exports_unlearned_weights_and_says_over_unlearned(scripted):
+    ev, run, exports = scripted
+    over = _result(7.0, 5.3, 5.2, aucs={"loss": 0.1, "min_k_10": 0.2})
+    assert run([(0, BEFORE), (5, over)]) == [None, "stop"]
+    assert exports == [5]  # step 0, the original, is never the result
+    assert verdict_line(ev.best["result"]["judgement"]).startswith("over-unlearned: the LOSS attack ranks forget chunks")
+
+
+def test_the_best_step_is_chosen_by_the_verdict_criteria_not_the_gap(scripted):
+    ev, run, exports = scripted
+    # Step 10 crosses with the smaller |gap| (0.02 vs 0.15) but Min-K% still separates; step 5 is 0.05 short of the
+    # crossing with every attack at chance: by the verdict's criteria step 5 is closer to retraining.
+    near = _result(4.95, 5.12, 4.62, aucs={"loss": 0.5, "min_k_10": 0.55})
+    leaky = _result(5.08, 5.12, 4.62, aucs={"loss": 0.6, "min_k_10": 0.9})
+    assert run([(0, BEFORE), (5, near), (10, leaky)]) == [None, None, "stop"]
+    assert exports == [5] and ev.best["entry"]["step"] == 5
+    assert ev.best["result"]["judgement"]["distance"] == pytest.approx(0.05)
+    # Once a step meets every criterion it wins over any that does not.
+    clean = _result(5.1, 5.12, 4.62, aucs={"loss": 0.5, "min_k_10": 0.55})
+    run([(15, clean)])
+    assert exports == [5, 15] and ev.best["result"]["judgement"]["status"] == FORGOTTEN

@@ -62,7 +62,9 @@ def test_sweep_runs_resumes_without_rerunning_and_writes_outputs(toy_world, tmp_
         assert p["complete"] and p["steps"] == p["params"]["train.num_steps"]
         assert p["target_source"] == "original model: approximate loss"
         assert math.isclose(p["forget_gap"], p["forget_loss"] - p["target"])
-        assert p["in_band"] == (abs(p["forget_gap"]) <= 0.1 and p["retain_degradation"] <= 0.1)
+        # In band = the run's own verdict of its exported weights (the same criteria as every run).
+        metrics = json.loads((Path(p["run_dir"]) / "metrics.json").read_text())
+        assert p["in_band"] == metrics["judgement"]["ok"] and p["verdict"] == metrics["verdict"]
     rob = summary["robustness"]["ga_gd"]
     assert rob["points"] == 4 and rob["robustness"] == rob["in_band"] / 4
     assert (out / "plots" / "heatmap_ga_gd.png").stat().st_size > 1000
@@ -77,27 +79,29 @@ def test_sweep_runs_resumes_without_rerunning_and_writes_outputs(toy_world, tmp_
     assert "was run with another config (differs in train.seed)" in capsys.readouterr().err
 
 
-def _metrics(forget, retain, approx_before, retain_before, retrained_forget=None):
+def _metrics(forget, retain, approx_before, retain_before, retrained_forget=None, ok=True):
     before = {"forget": {"loss": 1.0}, "retain": {"loss": retain_before}, "approximate": {"loss": approx_before}}
     after = {"forget": {"loss": forget}, "retain": {"loss": retain}, "approximate": {"loss": 3.0}}
     retrained = {"splits": {"forget": {"loss": retrained_forget}}} if retrained_forget is not None else None
     return {"before": {"splits": before}, "after": {"splits": after}, "retrained": retrained, "steps": 5,
-            "exported_step": 5, "stop_reason": None, "verdict": "v"}
+            "exported_step": 5, "stop_reason": None, "verdict": "v", "judgement": {"ok": ok}}
 
 
-def test_band_uses_the_retrained_target_when_there_is_one_else_the_original_approximate_loss():
+def test_figures_use_the_retrained_target_when_there_is_one_and_the_band_is_the_verdict():
     f = point_figures(_metrics(forget=3.05, retain=2.05, approx_before=3.0, retain_before=2.0), 0.1, 0.1)
     assert f["target_source"] == "original model: approximate loss"
     assert math.isclose(f["forget_gap"], 0.05) and math.isclose(f["retain_degradation"], 0.05) and f["in_band"]
-    f = point_figures(_metrics(3.05, 2.05, 3.0, 2.0, retrained_forget=3.3), 0.1, 0.1)
+    f = point_figures(_metrics(3.05, 2.05, 3.0, 2.0, retrained_forget=3.3, ok=False), 0.1, 0.1)
     assert f["target_source"] == "retrained model: forget loss" and math.isclose(f["forget_gap"], -0.25)
     assert not f["in_band"] and not f["retain_degraded"]
-    f = point_figures(_metrics(3.0, 2.5, 3.0, 2.0), 0.1, 0.1)  # retain damaged: out of the band, marked
+    f = point_figures(_metrics(3.0, 2.5, 3.0, 2.0, ok=False), 0.1, 0.1)  # retain damaged: marked
     assert not f["in_band"] and f["retain_degraded"]
     f = point_figures(_metrics(3.0, 1.5, 3.0, 2.0), 0.1, 0.1)  # a lower retain loss is no damage
     assert f["in_band"] and not f["retain_degraded"]
-    f = point_figures(_metrics(float("inf"), 2.0, 3.0, 2.0), 0.1, 0.1)  # diverged
+    f = point_figures(_metrics(float("inf"), 2.0, 3.0, 2.0, ok=False), 0.1, 0.1)  # diverged
     assert f["forget_gap"] is None and not f["in_band"]
+    # The band is the run's verdict, whatever the gaps say (a run judged "not forgotten" is out of it).
+    assert not point_figures(_metrics(3.05, 2.05, 3.0, 2.0, ok=False), 0.1, 0.1)["in_band"]
 
 
 def test_grid_and_method_specs():
