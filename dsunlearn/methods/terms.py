@@ -47,9 +47,11 @@ def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
 def default_block_elements(device: torch.device) -> int:
     """Logit entries per block of every vocabulary-wide computation here and in evaluation: fits in cache on CPU (the
-    work is memory-bound), bounds each fp32 temporary to ~256 MiB on an accelerator, where a whole ``[B,T,V]`` fp32
-    log-softmax of a 128k vocabulary would not fit next to the logits."""
-    return 2**20 if device.type == "cpu" else 2**26
+    work is memory-bound); on an accelerator it bounds each fp32 temporary to 64 MiB (128 rows of a 128k vocabulary:
+    still large enough to keep the device busy), so the one or two temporaries a block needs stay far below one fp32
+    copy of the logits even for a single 512-token chunk. At 2**26 (256 MiB per temporary, the earlier value) two
+    temporaries of a 2 x 512 x 128256 batch's block were as large as an fp32 copy of all its logits."""
+    return 2**20 if device.type == "cpu" else 2**24
 
 
 def row_blocks(batch: int, num_pos: int, vocab: int, block_elements: int | None,
@@ -184,9 +186,12 @@ class _NextTokenLogSoftmaxGather(torch.autograd.Function):
     def backward(ctx, grad):
         logits, index, lse = ctx.saved_tensors
         grad_logits = _new_gradient(ctx, logits)
+        dtype = compute_dtype(logits.dtype)
         for bs, ts in _predicting_blocks(logits, ctx.block_elements):
             g = grad[bs, ts]
-            softmax = upcast(logits[bs, ts]).sub(lse[bs, ts].unsqueeze(-1)).exp_()
+            # ONE fp32 temporary per block: a copy we own (upcast would return the logits themselves for fp32),
+            # then every step in place.
+            softmax = logits[bs, ts].to(dtype, copy=True).sub_(lse[bs, ts].unsqueeze(-1)).exp_()
             grad_logits[bs, ts] = softmax.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, index[bs, ts], g)
         return grad_logits, None, None
 
@@ -215,9 +220,13 @@ class _NextTokenKL(torch.autograd.Function):
     def backward(ctx, grad):
         logits, ref_logprobs = ctx.saved_tensors
         grad_logits = _new_gradient(ctx, logits)
+        dtype = compute_dtype(logits.dtype)
         for bs, ts in _predicting_blocks(logits, ctx.block_elements):
-            softmax = torch.softmax(upcast(logits[bs, ts]), dim=-1)
-            p0 = ref_logprobs[bs, ts].to(softmax.dtype).exp()
+            # Two fp32 temporaries per block (softmax and p0), each a copy we own, every step in place.
+            softmax = logits[bs, ts].to(dtype, copy=True)
+            softmax.sub_(softmax.amax(-1, keepdim=True)).exp_()
+            softmax.div_(softmax.sum(-1, keepdim=True))
+            p0 = ref_logprobs[bs, ts].to(dtype, copy=True).exp_()
             g = grad[bs, ts].unsqueeze(-1)
             grad_logits[bs, ts] = softmax.mul_(p0.sum(-1, keepdim=True)).sub_(p0).mul_(g)
         return grad_logits, None, None
