@@ -337,8 +337,9 @@ def forget_zero3_release_decisions() -> None:
     forwards on the trained engine (the evaluation before step 1, theta_0 passes for caches and labels) the decisions
     taken from that forward-only trace ("nothing needs these parameters later: release them") outlive it, and every
     later step releases the parameters after the forward and gathers them all again in the backward: 2 model copies
-    all-gathered per step instead of 1 (measured by benchmarks/bench_fused.py --nograd-before). Clearing the memo
-    costs a few Python calls per module. Private API: guarded, a no-op where it does not exist.
+    all-gathered per step instead of 1 (measured by benchmarks/bench_fused.py --nograd-before). The loop clears it at
+    the start of the first two optimizer steps after such forwards (``loop.RELEASE_MEMO_STEPS``: one is not enough,
+    every step costs ~12% of a step). Private API: guarded, a no-op where it does not exist.
     """
     try:
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as PPC

@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_DIVERGED = 0, 3
 
+RELEASE_MEMO_STEPS = 2
+"""Optimizer steps, after no-grad forwards on the trained engine (cache passes, evaluations), that start by clearing
+DeepSpeed 0.19.8's ZeRO-3 release memo (``engine.forget_zero3_release_decisions``). Measured (2 ranks, 7.5M Llama,
+``benchmarks/RESULTS.md`` section 8): clearing before the first step only leaves the doubled all-gathers (the first
+step re-records the module trace and memoises from it again); clearing before the first two brings every later step to
+one gathered model copy; clearing before every step also does, but costs ~0.1 s per step there (+12%), so it is not
+done."""
+
 
 @dataclass
 class Run:
@@ -50,6 +58,8 @@ class Run:
     samplers: dict[str, StreamSampler]
     reference: Any
     pad_id: int
+    release_memo_steps: int = RELEASE_MEMO_STEPS
+    """Steps left that clear the ZeRO-3 release memo first (``RELEASE_MEMO_STEPS``); reset after every evaluation."""
 
 
 def plan_cost(run: Run, state: RunState) -> dict:
@@ -200,7 +210,9 @@ def train(run: Run, state: RunState, num_steps: int, logger: RunLogger, evaluato
         if cfg.checkpoint.every_n_steps and state.step % cfg.checkpoint.every_n_steps == 0 and state.step < num_steps:
             save_checkpoint(run.engine, run_dir, state.step, cfg.checkpoint.keep_last)
         if evaluator is not None and cfg.eval.every_n_steps and state.step % cfg.eval.every_n_steps == 0:
-            if evaluator.evaluate(state.step, label=f"step {state.step}") == "stop":
+            decision = evaluator.evaluate(state.step, label=f"step {state.step}")
+            run.release_memo_steps = RELEASE_MEMO_STEPS  # its no-grad forwards left a stale ZeRO-3 release memo
+            if decision == "stop":
                 state.stop_reason = "stop rule: the forget loss reached the target"
                 break
     return EXIT_OK, True
@@ -253,14 +265,16 @@ def train_step(run: Run, step: int) -> dict:
     cfg, engine = run.cfg, run.engine
     t, rank = cfg.train, E.rank()
     start = time.perf_counter()
-    if engine.zero_optimization_partition_weights():
-        E.forget_zero3_release_decisions()
+    clear_memo = engine.zero_optimization_partition_weights() and run.release_memo_steps > 0
+    run.release_memo_steps = max(0, run.release_memo_steps - 1)
     lr = engine.get_lr()[0]  # the LR this step's update uses (the scheduler advances inside engine.step)
     term_sums: dict[str, float] = {}
     nll_sums: dict[str, float] = {}
     num_tokens = 0
     nonfinite_loss = False
     for micro in range(t.grad_accum):
+        if clear_memo:
+            E.forget_zero3_release_decisions()
         batches = {name: s.batch(run.samplers[name].indices(step, micro, rank), cfg.data.seq_len, run.pad_id)
                    for name, s in run.streams.items()}
         outputs = fused_forward(engine, run.method, batches, run.reference)

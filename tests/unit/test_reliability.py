@@ -277,3 +277,22 @@ def test_the_stop_rule_exports_the_weights_of_the_best_evaluated_step(toy_world,
         **sections, "train": {**sections["train"], "num_steps": 3}})
     assert _unlearn(plain, tmp_path) == 0
     _assert_equal_weights(_weights(tmp_path / "rule" / "model"), _weights(tmp_path / "plain" / "model"))
+
+
+def test_the_zero3_release_memo_is_cleared_only_after_no_grad_forwards(toy_world, tmp_path, monkeypatch):
+    """DeepSpeed 0.19.8's stale release memo (engine.forget_zero3_release_decisions) is cleared on the first two
+    optimizer steps after the engine ran no-grad forwards (the "before" evaluation, every evaluation), not on every
+    step: clearing costs ~12% of a step (benchmarks/RESULTS.md section 8)."""
+    from dsunlearn import engine as E
+    from dsunlearn import loop
+    steps, cleared = [], []
+    real_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda run, step: steps.append(step) or real_step(run, step))
+    monkeypatch.setattr(E, "forget_zero3_release_decisions", lambda: cleared.append(steps[-1]))
+    cfg = write_run_config(tmp_path / "memo.json", toy_world, tmp_path / "memo", method={"name": "ga_gd"},
+                           data={"general": None}, train={"num_steps": 8, "micro_batch_size": 2, "grad_accum": 2},
+                           eval={"every_n_steps": 3, "max_chunks": 4, "micro_batch_size": 4, "split_check": False,
+                                 "mia": False})
+    assert _unlearn(cfg, tmp_path) == 0
+    # Evaluations after steps 3 and 6; each of the two steps after a no-grad pass clears before each micro-step.
+    assert cleared == [0, 0, 1, 1, 3, 3, 4, 4, 6, 6, 7, 7]
