@@ -113,6 +113,7 @@ def cmd_pretrain(args) -> int:
 
 def cmd_unlearn(args) -> int:
     from . import loop
+    from .cost import cost_line
     if args.help_config:
         print("\n".join(describe()))
         return 0
@@ -123,7 +124,7 @@ def cmd_unlearn(args) -> int:
     from . import engine as E
     if E.is_main():
         summary = json.loads((Path(cfg.output.run_dir) / "summary.json").read_text())
-        print(f"cost: {loop.cost_line(summary['cost'])}")
+        print(f"cost: {cost_line(summary['cost'])}")
         print(f"run directory: {cfg.output.run_dir}")
     return code
 

@@ -321,3 +321,12 @@ def run_cost(shape: ModelShape, seq_len: int, per_step: list[Pass], steps: int, 
         out["retrain"] = retrain_estimate(shape, pretrain_tokens, total, tokens_per_s,
                                           unlearning_tokens=unlearning_tokens if tokens_per_s else None)
     return out
+
+
+def cost_line(cost: dict) -> str:
+    """One line for the console: the run's FLOPs and, given D, the retraining comparison (``run_cost``'s dict)."""
+    line = f"unlearning {cost['unlearning_flops']:.3g} FLOPs ({cost['steps']} steps)"
+    if "retrain" in cost:
+        r = cost["retrain"]
+        line += f"; retraining {r['retrain_flops']:.3g} FLOPs; ratio {r['ratio']:.3g}x"
+    return line

@@ -24,7 +24,7 @@ import torch
 from . import engine as E
 from . import reference as R
 from .config import RunConfig
-from .cost import KNOWN_PRETRAINING, ModelShape, run_cost, run_passes
+from .cost import KNOWN_PRETRAINING, ModelShape, cost_line, run_cost, run_passes
 from .data import Stream, StreamSampler, write_json_atomic
 from .eval.runner import Evaluator
 from .methods import select_trainable
@@ -39,12 +39,9 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_DIVERGED = 0, 3
 
 RELEASE_MEMO_STEPS = 2
-"""Optimizer steps, after no-grad forwards on the trained engine (cache passes, evaluations), that start by clearing
-DeepSpeed 0.19.8's ZeRO-3 release memo (``engine.forget_zero3_release_decisions``). Measured (2 ranks, 7.5M Llama,
-``benchmarks/RESULTS.md`` section 8): clearing before the first step only leaves the doubled all-gathers (the first
-step re-records the module trace and memoises from it again); clearing before the first two brings every later step to
-one gathered model copy; clearing before every step also does, but costs ~0.1 s per step there (+12%), so it is not
-done."""
+"""Optimizer steps after no-grad forwards on the trained engine (cache passes, evaluations) that first clear DeepSpeed
+0.19.8's stale ZeRO-3 release memo (``engine.forget_zero3_release_decisions``): one is not enough, every step costs
+~12% of a step (``benchmarks/RESULTS.md`` section 8)."""
 
 
 @dataclass
@@ -106,14 +103,6 @@ def fused_forward(engine, method, streams: dict[str, dict], reference=None) -> d
                    if k not in ("input_ids", "attention_mask", "labels")},
             hidden_states=tuple(h[i] for h in hidden) if hidden else None, reference=refs.get(n))
     return outputs
-
-
-def cost_line(cost: dict) -> str:
-    line = f"unlearning {cost['unlearning_flops']:.3g} FLOPs ({cost['steps']} steps)"
-    if "retrain" in cost:
-        r = cost["retrain"]
-        line += f"; retraining {r['retrain_flops']:.3g} FLOPs; ratio {r['ratio']:.3g}x"
-    return line
 
 
 def build_run(p: Prepared, reference_factory=None) -> Run:
