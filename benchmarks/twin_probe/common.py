@@ -14,8 +14,8 @@ from sklearn.metrics import roc_auc_score
 from dsunlearn.data import load_documents, tokenize_and_chunk
 from dsunlearn.eval.mia import token_stats, scores_from_tokens
 
-WORLD = f"{ROOT}/.cache/demo_world/world"
-PRE = f"{ROOT}/dsunlearn/demo/pretrained"
+WORLD = os.environ.get("PROBE_WORLD", f"{ROOT}/.cache/demo_world/world")  # another pair: its world
+PRE = os.environ.get("PROBE_PAIR", f"{ROOT}/dsunlearn/demo/pretrained")  # ... and its models
 OUT = os.environ.get("PROBE_DIR", os.path.join(ROOT, ".cache", "twin_probe"))
 CACHE = os.path.join(OUT, "cache")
 SEQ = 128
