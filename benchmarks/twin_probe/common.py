@@ -143,3 +143,14 @@ def fmt(o, ref=None):
         s += (f" | gap F {100*(o['forget']/ref['forget']-1):+.1f}% R {100*(o['retain']/ref['retain']-1):+.1f}%"
               f" A {100*(o['approx']/ref['approx']-1):+.1f}% dAUC {o['best_auc']-ref['best_auc']:+.3f}")
     return s
+
+
+def take_cycling(pool, perm, n, rng):
+    """``n`` items of ``pool``, drawn through seeded permutations that are refilled when used up (``perm`` keeps the
+    state between calls)."""
+    out = []
+    while len(out) < n:
+        if not perm:
+            perm.extend(rng.permutation(len(pool)).tolist())
+        out.append(pool[perm.pop()])
+    return out

@@ -48,12 +48,7 @@ fperm, rperm = [], []
 
 
 def take(pool, perm, n):
-    out = []
-    while len(out) < n:
-        if not perm:
-            perm.extend(rng.permutation(len(pool)).tolist())
-        out.append(pool[perm.pop()])
-    return out
+    return take_cycling(pool, perm, n, rng)
 
 
 mask = None
