@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face model directory to evaluate")
     p.add_argument("--out", required=True, help="where metrics.json, report.md and plots/ are written")
 
-    p = sub.add_parser("demo", help="the built-in demo world end to end: unlearn with GA+GD, evaluate, report",
+    p = sub.add_parser("demo", help="the built-in demo world end to end: unlearn with SimNPO, evaluate, report",
                        add_help=False)
     p.add_argument("demo_args", nargs=argparse.REMAINDER)
 

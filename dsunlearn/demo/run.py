@@ -3,7 +3,8 @@
 1. Build (or reuse) the demo world: books, papers and code from Debian/PyPI packages, split into forget / retain /
    approximate / general sets, and its tokenizer (``.cache/demo_world``).
 2. Take the committed model pair: the original (trained with the forget set) and its exact-retrain twin.
-3. Unlearn the original with GA+GD (``dsunlearn/configs/demo.json``), evaluating every 5 steps and stopping when
+3. Unlearn the original with SimNPO, the shipped method closest to the twin on two model pairs
+   (docs/tuning.md; ``dsunlearn/configs/demo.json``), evaluating every 5 steps and stopping when
    the forget loss reaches the target; the verdict says whether that is forgetting (eval/verdict.py).
 4. Write the report (markdown + PNG plots): before / after / retrained side by side.
 
