@@ -122,3 +122,24 @@ def test_readme_run_config_and_commands_dry_run(toy_world, tmp_path, capsys):
             break
     else:
         raise AssertionError("README shows no `python -m dsunlearn unlearn --config run.json` line")
+
+
+def test_eval_scores_a_model_directory_on_its_own(toy_world, tmp_path, capsys):
+    """`dsunlearn eval --model DIR`: every split, the attacks, a verdict judged without a "before" (there is none),
+    metrics.json and report.md in --out; the model directory is read, never written."""
+    import hashlib
+    from helpers import CPU_ZERO3
+    model = Path(toy_world["model"])
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in model.iterdir() if p.is_file()}
+    cfg = write_run_config(tmp_path / "eval.json", toy_world, tmp_path / "unused",
+                           eval={"max_chunks": 8, "micro_batch_size": 4, "split_check": False})
+    out = tmp_path / "scored"
+    assert main(["eval", "--model", str(model), "--config", str(cfg), "--zero", CPU_ZERO3, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["after"]["splits"]) == {"forget", "retain", "approximate", "general"}
+    assert metrics["steps"] == 0 and metrics["judgement"]["status"] != "cannot judge"
+    assert metrics["verdict"].startswith(metrics["judgement"]["status"])
+    assert "privleak" in metrics["distance_to_retraining"] and "mia" in metrics["after"]
+    assert f"**verdict: {metrics['verdict']}**" in (out / "report.md").read_text()
+    assert '"verdict"' in capsys.readouterr().out
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in model.iterdir() if p.is_file()} == before
