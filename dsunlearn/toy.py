@@ -8,6 +8,8 @@ import json
 import random
 from pathlib import Path
 
+from .data import follow_umask
+
 SPLITS = ("forget", "retain", "approximate", "general")
 
 
@@ -57,6 +59,7 @@ def make_tiny_llama(out_dir: str, tokenizer, hidden_size: int = 64, num_layers: 
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    follow_umask(out_dir)  # safetensors writes 0600 (data.follow_umask)
     return out_dir
 
 
