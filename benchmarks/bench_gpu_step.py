@@ -101,13 +101,16 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
+    baseline = [0]
+
     def reset_peak():
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            baseline[0] = torch.cuda.memory_allocated()  # whatever an earlier mode left is not this mode's
 
     def peak_gib():
-        return torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        return (torch.cuda.max_memory_allocated() - baseline[0]) / 2**30 if cuda else float("nan")
 
     def timed(step_fn) -> float:
         times = []
@@ -176,7 +179,7 @@ def main() -> None:
             label = f"dsunlearn ZeRO-{stage[-1]} {method}" + (f" (reference {reference})" if method == "ga_kl" else "")
         rows.append((label, seconds, flops / seconds / 1e12, flops / seconds / 1e12 / args.peak_tflops,
                      peak_gib()))
-        model = engine = run = step = None  # noqa: F841 - drop this mode's engine before the next is built
+        model = engine = run = step = opt = autocast = fused = p = None  # noqa: F841 - drop this mode's state
         E.release_engines()
         reset_peak()
 
@@ -187,7 +190,8 @@ def main() -> None:
     print(f"model: Llama hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
           f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} heads, intermediate "
           f"{shape['intermediate_size']}; {shape['chunks']} forget + {shape['chunks']} retain chunks x "
-          f"{shape['seq_len']} tokens per step\n")
+          f"{shape['seq_len']} tokens per step" + ("" if cuda else "; CPU smoke run: every DeepSpeed row uses "
+                                                   "ds_configs/zero3_cpu_test.json, fp32") + "\n")
     base = rows[0][1] if rows and rows[0][0].startswith("plain PyTorch") else None
     print("| step | s / step | TFLOP/s | MFU | vs plain PyTorch | peak GiB |\n|---|---|---|---|---|---|")
     for label, sec, tflops, mfu, peak in rows:
