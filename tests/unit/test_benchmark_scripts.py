@@ -1,0 +1,22 @@
+"""The GPU benchmark must be ready to run when a GPU session gets its few minutes: its whole code path, on a tiny
+model on the CPU (numbers meaningless, the table's shape checked)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from helpers import REPO, launch_env
+
+
+def test_bench_gpu_step_runs_its_code_path_on_a_tiny_model():
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu_step.py"), "--tiny", "--steps", "1",
+                        "--warmup", "1", "--modes", "torch,deepspeed_zero3,zero3_ga_gd,zero3_ga_kl_engine"],
+                       env=launch_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and not line.startswith("| step")]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| plain PyTorch (fp32 master, bf16 autocast, fused AdamW)", "| plain DeepSpeed ZeRO-3 (ds_configs/zero3.json)",
+        "| dsunlearn ZeRO-3 ga_gd", "| dsunlearn ZeRO-3 ga_kl (reference engine)"]
+    for row in rows:
+        seconds = float(row.split(" | ")[1])
+        assert seconds > 0
