@@ -319,4 +319,10 @@ def run_eval(cfg: RunConfig, zero_path: str, model_dir: str, out_dir: str) -> di
     evaluator = Evaluator(p.cfg, frozen, p.tokenizer, RunLogger(out_dir, 0, 0, enabled=False), p.ds_config, out_dir,
                           p.eval_streams, track_best=False, standalone=True)
     evaluator.evaluate(0, label="model")
-    return evaluator.finish(RunState(step=0))
+    metrics = evaluator.finish(RunState(step=0))
+    # Free the frozen engine now: its HfDeepSpeedConfig otherwise lingers in a reference cycle until the next garbage
+    # collection, and while it lives transformers treats every model built in this process as ZeRO-3 (zero.Init even
+    # inside torch.device("meta")): an in-process caller's next from_config would materialise the whole model.
+    evaluator = frozen = _handle = None
+    E.release_engines()
+    return metrics

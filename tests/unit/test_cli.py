@@ -143,3 +143,8 @@ def test_eval_scores_a_model_directory_on_its_own(toy_world, tmp_path, capsys):
     assert f"**verdict: {metrics['verdict']}**" in (out / "report.md").read_text()
     assert '"verdict"' in capsys.readouterr().out
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in model.iterdir() if p.is_file()} == before
+    # Nothing of the ZeRO-3 load outlives the command: a model built next in this process is a plain one (a lingering
+    # HfDeepSpeedConfig made transformers build a meta-device model under zero.Init: an error, or for a 6B config
+    # 24 GB of RAM).
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    assert not is_deepspeed_zero3_enabled()
