@@ -140,10 +140,14 @@ class ModelShape:
         count is ``V * d``, doubled when ``tie_word_embeddings`` is false.
         """
         if num_params is None:
-            from transformers import AutoModelForCausalLM  # heavy; only this path needs it
+            from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM  # heavy; only this path
 
+            # The model class itself, not AutoModelForCausalLM.from_config: that one wraps the construction in
+            # DeepSpeed's zero.Init whenever a HfDeepSpeedConfig is alive anywhere in the process, which ignores the
+            # meta device (an error for small models, the whole model in RAM for a 6B config).
+            model_cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config)
+                model = model_cls(config) if model_cls is not None else AutoModelForCausalLM.from_config(config)
             counts = count_parameters(model)
             return cls._from_config(config, counts["total"], counts["embedding"])
         text = _text_config(config)

@@ -263,3 +263,20 @@ def test_errors():
         retrain_flops(shape, 0)
     with pytest.raises(ValueError):
         ModelShape(num_params=10, num_embedding_params=20, num_layers=1, hidden_size=4, vocab_size=2)
+
+
+def test_from_hf_config_stays_on_meta_while_a_zero3_config_is_alive():
+    """A HfDeepSpeedConfig alive in the process (an in-process ZeRO-3 run) makes AutoModel.from_config build under
+    DeepSpeed's zero.Init, which ignores the meta device; the shape must still cost no memory."""
+    from transformers import LlamaConfig
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    handle = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32)
+        shape = ModelShape.from_hf_config(config)  # 6.7B parameters: on meta, no memory
+        assert shape.num_params == 6_738_415_616
+    finally:
+        del handle
