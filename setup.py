@@ -31,5 +31,5 @@ setup(
         "gguf": ["gguf>=0.10"],
         "lm_eval": ["lm-eval>=0.4"],
     },
-    entry_points={"console_scripts": ["dsunlearn=dsunlearn.cli:main"]},
+    entry_points={"console_scripts": ["dsunlearn=dsunlearn.cli:entry"]},
 )

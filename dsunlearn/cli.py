@@ -315,5 +315,14 @@ def main(argv=None) -> int:
         return EXIT_USAGE
 
 
+def entry(argv=None) -> int:
+    """What the ``dsunlearn`` command and ``python -m dsunlearn`` run: ``main``, then the process group is destroyed
+    before the interpreter exits (``engine.shutdown_distributed``). In-process callers use ``main`` and keep theirs."""
+    from .engine import shutdown_distributed
+    code = main(argv)
+    shutdown_distributed()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
