@@ -24,12 +24,12 @@ from ..prepare import prepare, with_model
 from ..rundir import RunLogger, RunState
 from .metrics import chunk_stats, concat_stats, split_metrics
 from .mia import attack_report
-from .verdict import distance_to_retraining, judge, verdict_line
+from .verdict import (MEMBER_SPLIT, NONMEMBER_SPLIT, distance_to_retraining, forget_shortfall, judge,
+                      verdict_line)
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: judgement, distance_to_retraining; the verdict from eval/verdict.py
-MEMBER_SPLIT, NONMEMBER_SPLIT = "forget", "approximate"
 
 
 @dataclass
@@ -123,7 +123,7 @@ def stop_rule_holds(result: dict, cfg: RunConfig) -> bool:
     exported weights are then the evaluated step that best meets the verdict's criteria (``Evaluator``)."""
     if cfg.eval.stop_tolerance <= 0 or result.get("target") is None or MEMBER_SPLIT not in result["splits"]:
         return False
-    return result["splits"][MEMBER_SPLIT]["loss"] >= result["target"] - cfg.eval.stop_tolerance
+    return forget_shortfall(result["splits"][MEMBER_SPLIT]["loss"], result["target"], cfg.eval.stop_tolerance) == 0
 
 
 def better(candidate: dict, incumbent: Optional[dict]) -> bool:

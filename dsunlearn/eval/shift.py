@@ -45,7 +45,7 @@ def _check_texts(name: str, texts: Sequence[str]) -> list[str]:
     return texts
 
 
-def _null_auc_sd(num_pos: int, num_neg: int) -> float:
+def null_auc_sd(num_pos: int, num_neg: int) -> float:
     """Standard deviation of the ROC AUC of a random scorer (Mann-Whitney U under H0, no ties).
 
     Var(AUC) = (n1 + n2 + 1) / (12 n1 n2). With 60 documents a side this is ~0.053, so a +-0.1 band is ~2 sd. A lower
@@ -135,7 +135,7 @@ def blind_baseline_auc(forget_texts: Sequence[str], approx_texts: Sequence[str],
         fold_y = y[test_idx]
         fold_aucs.append(float(roc_auc_score(fold_y, scores[test_idx])) if 0 < fold_y.sum() < len(fold_y) else None)
     result.update(auc=float(roc_auc_score(y, scores)), folds=used_folds, fold_aucs=fold_aucs,
-                  null_sd=_null_auc_sd(num_forget, num_approx))
+                  null_sd=null_auc_sd(num_forget, num_approx))
     return result
 
 

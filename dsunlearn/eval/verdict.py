@@ -32,6 +32,8 @@ from typing import Optional
 
 from scipy.stats import ks_2samp
 
+from .shift import null_auc_sd
+
 MEMBER_SPLIT, NONMEMBER_SPLIT = "forget", "approximate"
 UTILITY_SPLITS = ("retain", "approximate")
 REFERENCE_ATTACK = "ref"
@@ -42,9 +44,15 @@ FORGOTTEN, NOT_FORGOTTEN, OVER_UNLEARNED, CANNOT_JUDGE = "forgotten", "not yet f
 
 
 def null_auc_band(num_members: int, num_nonmembers: int) -> float:
-    """Two standard deviations of a random scorer's AUC at these set sizes, at least ``MIN_AUC_BAND``."""
-    sd = math.sqrt((num_members + num_nonmembers + 1) / (12.0 * num_members * num_nonmembers))
-    return max(MIN_AUC_BAND, 2 * sd)
+    """Two standard deviations of a random scorer's AUC at these set sizes (the split check's null), at least
+    ``MIN_AUC_BAND``."""
+    return max(MIN_AUC_BAND, 2 * null_auc_sd(num_members, num_nonmembers))
+
+
+def forget_shortfall(forget_loss: float, target: float, stop_tolerance: float) -> float:
+    """Nats the forget loss still lacks to reach ``target - stop_tolerance``: 0 once it has crossed (one-sided). The
+    verdict's first criterion and the stop rule's trigger."""
+    return max(0.0, (target - stop_tolerance) - forget_loss)
 
 
 def attack_name(key: str) -> str:
@@ -116,7 +124,7 @@ def judge(result: dict, before: Optional[dict], twin: Optional[dict], *, stop_to
         return out
 
     forget = splits[MEMBER_SPLIT]["loss"]
-    shortfall = max(0.0, (target - stop_tolerance) - forget)
+    shortfall = forget_shortfall(forget, target, stop_tolerance)
     over, under = [], []
     if shortfall > 0:
         under.append(f"forget loss {forget:.3f} below the target {target:.3f} ({forget - target:+.3f} nats)")
