@@ -24,9 +24,11 @@ setup(
         "scikit-learn>=1.3",
         "scipy>=1.10",  # the KS test of TOFU's forget quality
         "rdata>=1.0",  # the demo world's R data sets (dsunlearn/demo/lazyload.py)
+        "torchao>=0.14",  # the quantization audit's round-to-nearest weights (dsunlearn/eval/audit.py)
     ],
     extras_require={
-        "dev": ["pytest>=8", "gguf>=0.10"],
+        "dev": ["pytest>=8", "gguf>=0.10", "peft>=0.13"],
+        "lora": ["peft>=0.13"],  # LoRA unlearning (adapter.rank > 0; dsunlearn/adapter.py)
         "mpi": ["mpi4py>=3.1"],
         "gguf": ["gguf>=0.10"],
         "lm_eval": ["lm-eval>=0.4"],

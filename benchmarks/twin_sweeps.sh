@@ -16,11 +16,15 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions} HF_H
 PY=${PY:-.venv/bin/python}
 # The twin's pretraining tokens: the FLOPs budget of the comparison (cost.pretrain_tokens).
 TOKENS=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['models']['retrained']['tokens_seen'])" "$PAIR/pair.json")
-COMMON=(--zero ds_configs/zero3_cpu_test.json --grid train.lr=1e-4,3e-4,1e-3 --grid train.num_steps=40
-  --set eval.max_chunks=64 --set cost.pretrain_tokens=$TOKENS --set model.path=$PAIR/original
+COMMON=(--zero ds_configs/zero3_cpu_test.json --grid train.num_steps=40 --set eval.max_chunks=64 --set cost.pretrain_tokens=$TOKENS --set model.path=$PAIR/original
   --set eval.retrained_model=$PAIR/retrained --set data.forget=$WORLD/forget.jsonl --set data.retain=$WORLD/retain.jsonl
   --set data.approximate=$WORLD/approximate.jsonl --set data.general=$WORLD/general.jsonl)
 $PY -m dsunlearn sweep --config dsunlearn/configs/demo_sweep.json --out "$OUT" "${COMMON[@]}" \
-  --methods ga,random_labels,adversarial_labels,ga_gd,ga_gd:general,ga_kl,ga_kl:general,npo,simnpo
-$PY -m dsunlearn sweep --config dsunlearn/configs/demo_sweep.json --out "${OUT}_rmu" "${COMMON[@]}" --methods rmu \
+  --grid train.lr=1e-4,3e-4,1e-3 --methods ga,random_labels,adversarial_labels,ga_gd,ga_gd:general,ga_kl,ga_kl:general,npo,simnpo
+$PY -m dsunlearn sweep --config dsunlearn/configs/demo_sweep.json --out "${OUT}_rmu" "${COMMON[@]}" \
+  --grid train.lr=1e-4,3e-4,1e-3 --methods rmu \
   --set method.name=rmu --set 'method.params={"layer": 2}'
+# The LoRA version of the best method (docs/tuning.md, "LoRA"): SimNPO with rank-8 adapters on every attention and MLP
+# projection; adapters need larger learning rates than full fine-tuning.
+$PY -m dsunlearn sweep --config dsunlearn/configs/demo_sweep.json --out "${OUT}_lora" "${COMMON[@]}" --methods simnpo \
+  --set adapter.rank=8 --set adapter.alpha=16 --grid train.lr=1e-3,3e-3,1e-2

@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face model directory to evaluate")
     p.add_argument("--out", required=True, help="where metrics.json, report.md and plots/ are written")
 
+    p = sub.add_parser("audit", help="does the forgetting last? relearning and quantization audits of a model "
+                                     "directory against the retrained twin (docs/evaluation.md)")
+    _add_run_args(p)
+    p.add_argument("--model", required=True, help="the unlearned model directory (read only; model.path of the run "
+                                                  "config is the original)")
+    p.add_argument("--twin", default=None, help="the retrained twin's directory (default: eval.retrained_model)")
+    p.add_argument("--out", required=True, help="where metrics.json, report.md and plots/ are written")
+    p.add_argument("--audits", default="relearn,quantize", help="comma-separated: relearn, quantize")
+
     p = sub.add_parser("demo", help="the built-in demo world end to end: unlearn with SimNPO, evaluate, report",
                        add_help=False)
     p.add_argument("demo_args", nargs=argparse.REMAINDER)
@@ -147,6 +156,24 @@ def cmd_eval(args) -> int:
         print(json.dumps({"verdict": metrics["verdict"], **metrics["after"]["splits"]}, indent=1))
         print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def cmd_audit(args) -> int:
+    from .config import AUDITS
+    from .eval.audit import run_audit_command
+    audits = tuple(a for a in args.audits.split(",") if a)
+    if not audits or set(audits) - set(AUDITS):
+        raise ConfigError(f"--audits {args.audits}: expected a comma-separated list from {', '.join(AUDITS)}")
+    cfg = load_run_config(args.config, args.overrides)
+    metrics = run_audit_command(cfg, args.zero, args.model, args.out, args.twin, audits)
+    from . import engine as E
+    if E.is_main():
+        result = metrics["audits"]
+        for name in AUDITS:
+            if name in result:
+                print(f"{name}: {'FAILED' if result[name]['failed'] else 'passed'}: {result[name]['finding']}")
+        print(f"report: {Path(args.out) / 'report.md'}")
+    return 1 if metrics["audits"]["failures"] else 0
 
 
 def cmd_demo(args) -> int:
@@ -279,7 +306,8 @@ def cmd_model(args) -> int:
     return 0
 
 
-COMMANDS = {"unlearn": cmd_unlearn, "pretrain": cmd_pretrain, "eval": cmd_eval, "demo": cmd_demo,
+COMMANDS = {"unlearn": cmd_unlearn, "pretrain": cmd_pretrain, "eval": cmd_eval, "audit": cmd_audit,
+            "demo": cmd_demo,
             "lm-eval": cmd_lm_eval, "methods": cmd_methods, "sweep": cmd_sweep, "data": cmd_data, "model": cmd_model}
 
 

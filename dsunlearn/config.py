@@ -78,15 +78,40 @@ class MethodConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ReferenceConfig:
-    mode: str = "engine"
+    mode: str = "auto"
     """How methods that need the frozen original model get it: "engine" (a second ZeRO-3 engine, one no-grad
-    forward per micro-step) or "cache" (its outputs computed once before training and stored)."""
+    forward per micro-step), "cache" (its outputs computed once before training and stored) or "adapters_off" (with
+    an adapter: the trained model with its adapters switched off, one extra no-grad forward, nothing else in memory).
+    "auto" = "adapters_off" with an adapter, else "engine"."""
     topk: int = 64
     """Cached KL: keep the reference's top-k log-probs per position plus the remaining mass (exact when k = vocab)."""
+    path: Optional[str] = None
+    """theta_0's model directory when it is not ``model.path`` (mode "engine" only): in a chain of removal requests
+    (``--after``), the original model instead of the previous request's result (docs/methods.md)."""
     cache_dir: Optional[str] = None
     """Where reference caches and precomputed labels (random/adversarial) are stored, keyed by a content hash of
     (model, data, settings) and rebuilt when it changes; default ``<run_dir>/../.cache/dsunlearn``. Every rank must
     see it (a shared filesystem on multi-node jobs)."""
+
+
+REFERENCE_MODES = ("engine", "cache", "adapters_off")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterConfig:
+    """LoRA unlearning (``dsunlearn/adapter.py``, the ``peft`` package): only low-rank adapters train."""
+    rank: int = 0
+    """LoRA rank r; 0 = no adapter (every weight trains)."""
+    alpha: float = 16.0
+    """LoRA alpha: the adapters' output is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: tuple = ()
+    """Module names (or name suffixes) that get adapters; empty = every linear layer of the decoder blocks (attention
+    and MLP projections, not the LM head), or for RMU the layers its ``trainable_params`` select."""
+    save_adapter: bool = False
+    """Also write the adapter alone (peft format) to ``<run_dir>/adapter``; ``<run_dir>/model`` always holds the
+    merged weights, which load with plain transformers."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +189,37 @@ class EvalConfig:
     """Check that the approximate set differs from the forget set in membership only (blind baseline, loss gap)."""
     split_check_auc_band: float = 0.15
     """The blind baseline passes when its AUC is within 0.5 +- band (its noise is ~0.07 at 50 documents per set)."""
+    audits: tuple = ()
+    """Audits run on the exported model at the end of ``unlearn`` (``"relearn"``, ``"quantize"``; settings in the
+    ``audit`` section): does the forgetting survive a short fine-tune or 8/4-bit weights? See docs/evaluation.md."""
+
+
+AUDITS = ("relearn", "quantize")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig:
+    """``dsunlearn audit`` and ``eval.audits``: is the forgetting lasting, measured against the retrained twin?"""
+    relearn_steps: int = 20
+    """Relearning audit: optimizer steps of the fine-tune (the same batches for the model and its baseline)."""
+    relearn_data: str = "forget"
+    """What the fine-tune trains on: "forget" (the documents of the forget set not held out), "retain", "general",
+    or the path of a JSONL file. The relearning is measured on the held-out forget documents (all of them when the
+    fine-tune data is not the forget set)."""
+    relearn_fraction: float = 0.5
+    """With relearn_data="forget": the fraction of forget documents fine-tuned on (a seeded document-level split)."""
+    relearn_lr: Optional[float] = None
+    """Fine-tune learning rate (constant, no warm-up); None = train.lr."""
+    relearn_batch_size: int = 8
+    """Chunks per fine-tune step over all ranks (a multiple of the world size): 1 rank and N ranks see the same."""
+    relearn_within: float = 0.5
+    """"Relearned" = the held-out forget loss is back within this fraction of the way from the original model's
+    (0) to the baseline's before the fine-tune (1): 0.5 = half of the forgetting undone."""
+    quantize_bits: tuple = (8, 4)
+    """Quantization audit: weight bit widths (round-to-nearest, symmetric, weight-only; torchao)."""
+    quantize_group_size: int = 128
+    """Weights per quantization scale along the input dimension (a matrix whose width it does not divide uses the
+    greatest common divisor)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,12 +265,21 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        # A default that depends on another field, made concrete (the run directory's config.json records it):
+        # reference.mode "auto" -> "adapters_off" with an adapter, else "engine".
+        if self.reference.mode == "auto":
+            mode = "adapters_off" if self.adapter.rank > 0 else "engine"
+            object.__setattr__(self, "reference", dataclasses.replace(self.reference, mode=mode))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -363,8 +428,15 @@ def validate(cfg: RunConfig) -> None:
         (cfg.data.seq_len >= 2, "data.seq_len: expected >= 2"),
         (cfg.data.retain_source in ("retain", "general"),
          f"data.retain_source: expected 'retain' or 'general', got {cfg.data.retain_source!r}"),
-        (cfg.reference.mode in ("engine", "cache"),
-         f"reference.mode: expected 'engine' or 'cache', got {cfg.reference.mode!r}"),
+        (cfg.reference.mode in REFERENCE_MODES,
+         f"reference.mode: expected one of {', '.join(REFERENCE_MODES)} or 'auto', got {cfg.reference.mode!r}"),
+        (cfg.reference.path is None or cfg.reference.mode == "engine",
+         "reference.path needs reference.mode='engine' (a cache and adapters_off both come from the trained model)"),
+        (cfg.reference.mode != "adapters_off" or cfg.adapter.rank > 0,
+         "reference.mode='adapters_off' needs an adapter (adapter.rank > 0)"),
+        (cfg.adapter.rank >= 0, "adapter.rank: expected >= 0 (0 = no adapter)"),
+        (cfg.adapter.alpha > 0, "adapter.alpha: expected > 0"),
+        (0 <= cfg.adapter.dropout < 1, "adapter.dropout: expected 0 <= x < 1"),
         (cfg.model.init in ("pretrained", "random"),
          f"model.init: expected 'pretrained' or 'random', got {cfg.model.init!r}"),
         (cfg.reference.topk >= 1, "reference.topk: expected >= 1"),
@@ -392,9 +464,24 @@ def validate(cfg: RunConfig) -> None:
         (e.auc_band is None or 0 < e.auc_band < 0.5, "eval.auc_band: expected 0 < band < 0.5 or null"),
         (e.utility_tolerance >= 0, "eval.utility_tolerance: expected >= 0"),
         (not rule_on or "forget" in e.splits, "eval.stop_tolerance: the stop rule needs 'forget' in eval.splits"),
+        (set(e.audits) <= set(AUDITS), f"eval.audits: expected names from {list(AUDITS)}, got {list(e.audits)}"),
+        (not e.audits or cfg.output.save_model,
+         "eval.audits: the audits run on the exported model; set output.save_model=true"),
         (c.pretrain_tokens is None or c.pretrain_tokens > 0, "cost.pretrain_tokens: expected > 0 or null"),
         (c.known_model is None or c.known_model in KNOWN_PRETRAINING,
          f"cost.known_model: unknown {c.known_model!r}; known: {', '.join(sorted(KNOWN_PRETRAINING))}"),
+    ]
+    a = cfg.audit
+    checks += [
+        (a.relearn_steps >= 1, "audit.relearn_steps: expected >= 1"),
+        (0 < a.relearn_fraction < 1, "audit.relearn_fraction: expected 0 < x < 1"),
+        (a.relearn_lr is None or a.relearn_lr > 0, "audit.relearn_lr: expected > 0 or null"),
+        (a.relearn_batch_size >= 1, "audit.relearn_batch_size: expected >= 1"),
+        (0 < a.relearn_within <= 1, "audit.relearn_within: expected 0 < x <= 1"),
+        (bool(a.relearn_data), "audit.relearn_data: expected \"forget\", \"retain\", \"general\" or a JSONL path"),
+        (all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8 for b in a.quantize_bits),
+         f"audit.quantize_bits: expected integers from 2 to 8, got {list(a.quantize_bits)}"),
+        (a.quantize_group_size >= 1, "audit.quantize_group_size: expected >= 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -32,6 +32,8 @@ stage); without it the estimate is a lower bound at any context, and so is the r
 """
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -72,7 +74,9 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     where ``p.numel()`` is 0 and the true size is ``p.ds_numel``. A DeepSpeed engine is unwrapped to its ``.module``.
     """
     model = _unwrap(model)
-    params = {id(p): p for p in model.parameters()}  # tied weights are one Parameter object: counted once
+    # Tied weights are one Parameter object: counted once. LoRA adapters are not part of the model's shape (their
+    # FLOPs are ModelShape.num_adapter_params).
+    params = {id(p): p for n, p in model.named_parameters() if ".lora_" not in n}
     embedding_ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
@@ -98,6 +102,9 @@ class ModelShape:
     hidden_size: int
     vocab_size: int
     attention_dim: int | None = None
+    num_adapter_params: int = 0
+    """LoRA adapter parameters beside the model (``adapter.py``): 6 FLOPs each per token of an ``adapter_train``
+    pass."""
     """``num_attention_heads * head_dim``; ``None`` means ``hidden_size`` (true for Llama, Mistral, GPT-2, Yi...)."""
 
     def __post_init__(self) -> None:
@@ -129,7 +136,9 @@ class ModelShape:
         if config is None:
             raise ValueError(f"{type(model).__name__} has no .config; build the shape with ModelShape(...) directly")
         counts = count_parameters(model)
-        return cls._from_config(config, counts["total"], counts["embedding"])
+        shape = cls._from_config(config, counts["total"], counts["embedding"])
+        adapter = sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters() if ".lora_" in n)
+        return dataclasses.replace(shape, num_adapter_params=adapter) if adapter else shape
 
     @classmethod
     def from_hf_config(cls, config: Any, num_params: int | None = None) -> ModelShape:
@@ -140,15 +149,7 @@ class ModelShape:
         count is ``V * d``, doubled when ``tie_word_embeddings`` is false.
         """
         if num_params is None:
-            from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM  # heavy; only this path
-
-            # The model class itself, not AutoModelForCausalLM.from_config: that one wraps the construction in
-            # DeepSpeed's zero.Init whenever a HfDeepSpeedConfig is alive anywhere in the process, which ignores the
-            # meta device (an error for small models, the whole model in RAM for a 6B config).
-            model_cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-            with torch.device("meta"):
-                model = model_cls(config) if model_cls is not None else AutoModelForCausalLM.from_config(config)
-            counts = count_parameters(model)
+            counts = count_parameters(meta_model(config))
             return cls._from_config(config, counts["total"], counts["embedding"])
         text = _text_config(config)
         tied = bool(getattr(config, "tie_word_embeddings", getattr(text, "tie_word_embeddings", True)))
@@ -166,6 +167,18 @@ class ModelShape:
         return cls(num_params=num_params, num_embedding_params=num_embedding_params,
                    num_layers=text.num_hidden_layers, hidden_size=text.hidden_size, vocab_size=text.vocab_size,
                    attention_dim=attention_dim)
+
+
+def meta_model(config: Any) -> torch.nn.Module:
+    """The causal LM of a Hugging Face config on the meta device: its structure and sizes, no memory."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM  # heavy; only when needed
+
+    # The model class itself, not AutoModelForCausalLM.from_config: that one wraps the construction in DeepSpeed's
+    # zero.Init whenever a HfDeepSpeedConfig is alive anywhere in the process, which ignores the meta device (an error
+    # for small models, the whole model in RAM for a 6B config).
+    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    with torch.device("meta"):
+        return model_cls(config) if model_cls is not None else AutoModelForCausalLM.from_config(config)
 
 
 def _text_config(config: Any) -> Any:
@@ -197,8 +210,11 @@ def train_flops(shape: ModelShape, num_tokens: int, seq_len: int) -> int:
     return 3 * forward_flops(shape, num_tokens, seq_len)
 
 
-PASS_KINDS: dict[str, int] = {"train": 3, "reference_forward": 1, "forward": 1}
-"""Pass kind -> multiple of one forward: a trained pass is forward + backward; the other two are no-grad forwards."""
+PASS_KINDS: dict[str, int] = {"train": 3, "adapter_train": 2, "reference_forward": 1, "forward": 1}
+"""Pass kind -> multiple of one forward: a trained pass is forward + backward (the backward's two matmuls per weight:
+input and weight gradients); a LoRA pass skips the frozen weights' gradients but still back-propagates through every
+layer (forward + the input gradients: 2x, plus the adapters' own 6 FLOPs per parameter per token); the other two are
+no-grad forwards."""
 
 
 @dataclass(frozen=True)
@@ -235,6 +251,8 @@ def step_flops(shape: ModelShape, seq_len: int, passes: Iterable[Pass]) -> dict[
         if not isinstance(p, Pass):
             raise ValueError(f"step_flops expects Pass objects, got {type(p).__name__}")
         out[p.kind] += PASS_KINDS[p.kind] * forward_flops(shape, p.num_tokens, seq_len)
+        if p.kind == "adapter_train":
+            out[p.kind] += 6 * shape.num_adapter_params * p.num_tokens
     out["total"] = sum(out.values())
     return out
 
@@ -300,15 +318,17 @@ def retrain_estimate(shape: ModelShape, pretrain_tokens: float, unlearning_flops
     return out
 
 
-def run_passes(streams_tokens: dict[str, int], reference_streams: tuple, reference_mode: str) -> list[Pass]:
+def run_passes(streams_tokens: dict[str, int], reference_streams: tuple, reference_mode: str,
+               adapter: bool = False) -> list[Pass]:
     """The passes of one optimizer step of the unlearning loop.
 
     ``streams_tokens``: tokens (padded batch positions: padding is computed too) per stream per optimizer step over
-    all ranks. One fused trainable pass over every stream; with ``reference_mode == "engine"`` one no-grad reference
-    forward over the streams the method needs theta_0 on (a cache costs one forward per chunk once, counted apart).
+    all ranks. One fused trainable pass over every stream (``adapter_train`` with LoRA); with ``reference_mode`` "engine"
+    or "adapters_off" one no-grad reference forward over the streams the method needs theta_0 on (a cache costs one
+    forward per chunk once, counted apart).
     """
-    passes = [Pass("train", sum(streams_tokens.values()))]
-    if reference_streams and reference_mode == "engine":
+    passes = [Pass("adapter_train" if adapter else "train", sum(streams_tokens.values()))]
+    if reference_streams and reference_mode in ("engine", "adapters_off"):
         passes.append(Pass("reference_forward", sum(streams_tokens[s] for s in reference_streams)))
     return passes
 

@@ -306,31 +306,58 @@ def consolidated_state_dict(engine) -> Optional[dict]:
     return sd if is_main() else None
 
 
-def export_hf_model(engine, tokenizer, out_dir: str) -> Optional[str]:
+def gathered_for_update(params: list):
+    """A context in which ``params`` are whole on every rank and what rank 0 writes into them is kept (ZeRO-3:
+    gathered, then re-partitioned from rank 0's copy on exit; otherwise every rank edits its own replica, so every
+    rank must make the same edit)."""
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def _replace_dir(out: Path, write) -> None:
+    """``write(tmp)`` into a temporary directory, then swap it in for ``out`` (a reader never sees half a model)."""
+    import shutil
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    follow_umask(tmp)  # model.safetensors arrives 0600 (data.follow_umask)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_hf_model(engine, tokenizer, out_dir: str, adapter_dir: Optional[str] = None) -> Optional[str]:
     """Write the engine's weights as a Hugging Face safetensors directory, atomically (temp dir + rename).
 
-    Every rank must call this (ZeRO-3 gathers are collective); rank 0 writes.
+    A LoRA-adapted model (``adapter.py``) is written merged, loadable without peft; ``adapter_dir`` also gets the
+    adapter alone (peft format). Every rank must call this (ZeRO-3 gathers are collective); rank 0 writes.
     """
-    import shutil
+    from .adapter import is_adapted, merged_state_dict
     state_dict = consolidated_state_dict(engine)
     if is_main():
-        out = Path(out_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         module = engine.module
-        module.config.use_cache = True
-        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        module.config.use_cache = False
-        tokenizer.save_pretrained(tmp)
-        follow_umask(tmp)  # model.safetensors arrives 0600 (data.follow_umask)
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        if is_adapted(module):
+            if adapter_dir is not None:
+                _replace_dir(Path(adapter_dir), lambda tmp: module.save_pretrained(tmp, state_dict=state_dict))
+            state_dict = merged_state_dict(state_dict, module)
+            module = module.get_base_model()
+
+        def write(tmp: Path) -> None:
+            module.config.use_cache = True
+            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            module.config.use_cache = False
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(Path(out_dir), write)
     barrier()
     return out_dir
+
+
+def adapter_dir(cfg: RunConfig) -> Optional[str]:
+    """Where the adapter alone is exported (``adapter.save_adapter``), else None."""
+    return str(Path(cfg.output.run_dir) / "adapter") if cfg.adapter.rank > 0 and cfg.adapter.save_adapter else None
 
 
 def forward(engine, batch: dict, output_hidden_states: bool = False):

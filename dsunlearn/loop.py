@@ -23,9 +23,11 @@ import torch
 
 from . import engine as E
 from . import reference as R
+from .adapter import apply_adapter
 from .config import RunConfig
 from .cost import KNOWN_PRETRAINING, ModelShape, cost_line, run_cost, run_passes
 from .data import Stream, StreamSampler, write_json_atomic
+from .eval.audit import run_audits
 from .eval.runner import Evaluator
 from .methods import select_trainable
 from .methods.base import StreamOutputs
@@ -76,7 +78,7 @@ def plan_cost(run: Run, state: RunState) -> dict:
         pretrain_tokens = KNOWN_PRETRAINING[cfg.cost.known_model][1]
     tokens_per_s = state.tokens / state.seconds if state.seconds else None
     return run_cost(ModelShape.from_model(run.engine.module), seq,
-                    run_passes(per_step, reference, cfg.reference.mode),
+                    run_passes(per_step, reference, cfg.reference.mode, adapter=cfg.adapter.rank > 0),
                     state.step, one_time, pretrain_tokens, tokens_per_s, state.tokens or None)
 
 
@@ -109,7 +111,11 @@ def build_run(p: Prepared, reference_factory=None) -> Run:
     """The trained engine (theta_0's weights until its first step), precomputed labels, theta_0's reference, samplers."""
     cfg, method = p.cfg, p.method
     model, _hf_ds_handle = E.load_model(cfg, p.ds_config)
-    select_trainable(model, method)  # RMU trains a few matrices: frozen before DeepSpeed sees the parameters
+    if cfg.adapter.rank > 0:  # LoRA: only the adapters train (RMU's adapt the layers it would train)
+        model = apply_adapter(model, cfg.adapter, method.trainable_params, seed=cfg.train.seed)
+        method.check_trainable([n for n, q in model.named_parameters() if q.requires_grad])
+    else:
+        select_trainable(model, method)  # RMU trains a few matrices: frozen before DeepSpeed sees the parameters
     engine = E.build_train_engine(model, p.ds_config, cfg, p.num_steps)
     # Until its first step (or a resume's checkpoint load) the engine holds theta_0: precomputed labels and reference
     # caches are computed from it, so reference.mode="cache" never has a second model in memory.
@@ -156,8 +162,12 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
             save_checkpoint(run.engine, run_dir, state.step, cfg.checkpoint.keep_last)
         # With the stop rule on, the evaluator has already exported the weights that best met it.
         if cfg.output.save_model and weights_ok and not (evaluator is not None and evaluator.tracks_best):
-            E.export_hf_model(run.engine, p.tokenizer, str(Path(run_dir) / "model"))
-        finish(run, state, p.num_steps, exit_code, logger, evaluator, started)
+            E.export_hf_model(run.engine, p.tokenizer, str(Path(run_dir) / "model"), E.adapter_dir(cfg))
+        audit = None
+        if p.audits:
+            audit = lambda: run_audits(p, str(Path(run_dir) / "model"), cfg.eval.retrained_model,  # noqa: E731
+                                       cfg.model.path)
+        finish(run, state, p.num_steps, exit_code, logger, evaluator, started, audit)
     finally:
         logger.close()
     return exit_code
@@ -208,20 +218,33 @@ def train(run: Run, state: RunState, num_steps: int, logger: RunLogger, evaluato
 
 
 def finish(run: Run, state: RunState, num_steps: int, exit_code: int, logger: RunLogger,
-           evaluator: Optional[Evaluator], started: float) -> None:
-    """Cost, final evaluation, metrics.json, report and summary.json, after the model is saved.
+           evaluator: Optional[Evaluator], started: float, audit=None) -> None:
+    """Cost, final evaluation, audits, metrics.json, report and summary.json, after the model is saved.
 
     These only describe the work: a failure here must not lose the model, summary.json or metrics.json, so each part
-    writes what it has and the first error is raised at the end.
+    writes what it has and the first error is raised at the end. ``audit`` (``eval.audits``) runs on the exported
+    model once the run's engines are freed: it loads its own.
     """
     errors: list[BaseException] = []
     cost = _describe(errors, "cost", lambda: plan_cost(run, state))
     if cost is not None:
         logger.scalars(state.step, {"cost/unlearning_flops": float(cost["unlearning_flops"]),
                                     "cost/flops_per_step": float(cost["flops_per_step"]["total"])})
+    audits = None
     if evaluator is not None:
-        _describe(errors, "evaluation report",
-                  lambda: evaluator.finish(state, extra={"cost": cost} if cost is not None else None))
+        _describe(errors, "final evaluation", lambda: evaluator.conclude(state))
+    if audit is not None and (Path(run.cfg.output.run_dir) / "model").is_dir():
+        run.engine = run.reference = None
+        if evaluator is not None:
+            evaluator.engine = None
+        E.release_engines()
+        audits = _describe(errors, "audits", audit)
+        if audits is not None and E.is_main():
+            for line in audits["failures"]:
+                log.warning("%s", line)
+    if evaluator is not None:
+        extra = {k: v for k, v in (("cost", cost), ("audits", audits)) if v is not None}
+        _describe(errors, "evaluation report", lambda: evaluator.finish(state, extra=extra))
     if E.is_main():
         write_json_atomic(Path(run.cfg.output.run_dir) / "summary.json",
                           {"steps": state.step, "num_steps": num_steps, "stop_reason": state.stop_reason,

@@ -7,6 +7,8 @@
   (``CacheReference``): a sequence log-likelihood per chunk (NPO, exact), per-position top-k log-probs plus the log of
   the remaining mass (KL; the full distribution when ``reference.topk`` >= vocab, exact), or one layer's
   activations (RMU, exact). No second model is in memory during training.
+- ``reference.mode = "adapters_off"`` (with a LoRA adapter, ``adapter.py``): the trained engine itself with its
+  adapters switched off, one no-grad forward per micro-step (``AdaptersOffReference``): one model in memory.
 - precomputed labels (``method.precomputed``): random labels (drawn once with ``train.seed``) and adversarial labels
   (theta_0's argmax excluding the true next token, one distributed pass), stored the same way and sliced into every
   batch by ``Stream.batch``.
@@ -251,6 +253,16 @@ class EngineReference:
         return refs
 
 
+class AdaptersOffReference(EngineReference):
+    """theta_0 as the trained engine with its LoRA adapters switched off (``reference.mode = "adapters_off"``,
+    ``dsunlearn/adapter.py``): the same no-grad forward as ``EngineReference``, on the one model in memory."""
+
+    def outputs_for(self, streams: dict, device: torch.device) -> dict[str, ReferenceOutputs]:
+        from .adapter import adapters_disabled
+        with adapters_disabled(self.engine):
+            return super().outputs_for(streams, device)
+
+
 class CacheReference:
     """theta_0's outputs read from disk for the chunks of the batch (``row`` in each stream's batch)."""
 
@@ -462,8 +474,11 @@ def build_reference(cfg: RunConfig, ds_config: dict, method, engine, streams: di
         _write_report(cfg, "reference", {"mode": "engine", "streams": needs,
                                          "seconds": round(time.perf_counter() - start, 3)})
         return EngineReference(ref_engine, needs, hidden_index, keep_alive=handle)
+    if cfg.reference.mode == "adapters_off":
+        _write_report(cfg, "reference", {"mode": "adapters_off", "streams": needs})
+        return AdaptersOffReference(engine, needs, hidden_index)
     if cfg.reference.mode != "cache":
-        raise ConfigError(f"reference.mode: expected 'engine' or 'cache', got {cfg.reference.mode!r}")
+        raise ConfigError(f"reference.mode: expected 'engine', 'cache' or 'adapters_off', got {cfg.reference.mode!r}")
     vocab = getattr(E.load_model_config(cfg), "vocab_size", None)
     model_fp = model_fingerprint(cfg, default_cache_dir(cfg)) if E.is_main() else None
     stores, entries = {}, {}

@@ -6,7 +6,9 @@
 3. Unlearn the original with SimNPO, the shipped method closest to the twin on two model pairs
    (docs/tuning.md; ``dsunlearn/configs/demo.json``), evaluating every 5 steps and stopping when
    the forget loss reaches the target; the verdict says whether that is forgetting (eval/verdict.py).
-4. Write the report (markdown + PNG plots): before / after / retrained side by side.
+4. Audit the exported model (``eval.audits``): does the forgetting survive a 20-step fine-tune on half of the forget
+   documents, or 8-/4-bit weights, compared with the twin put through the same (eval/audit.py)?
+5. Write the report (markdown + PNG plots): before / after / retrained side by side, the audits first when one fails.
 
 The same flow with your own model and data: ``dsunlearn unlearn --config YOUR.json`` with ``model.path``,
 ``data.forget/retain/approximate`` (and optionally ``eval.retrained_model``) pointing at your files.
@@ -96,6 +98,10 @@ def main(argv=None) -> int:
             print(f"{label:<16}" + "".join(f"{v:>{w}}" for v, w in zip(row, (9, 9, 11))))
         print(f"steps: {metrics['steps']} ({metrics['stop_reason'] or 'all planned steps'})")
         print(f"verdict: {metrics['verdict']}")
+        audits = metrics.get("audits") or {}
+        for name in ("relearn", "quantize"):
+            if name in audits:
+                print(f"{name} audit: {'FAILED' if audits[name]['failed'] else 'passed'}: {audits[name]['finding']}")
         for w in warnings:
             print(f"warning: {w}")
         print(f"report: {(run_dir / 'report.md').resolve()}")

@@ -82,6 +82,30 @@ def plot_split_losses_over_steps(history: Sequence[Mapping[str, float]], path,
     return _save(fig, path)
 
 
+def plot_relearning(relearn: Mapping, path, baseline_label: str) -> Path:
+    """The relearning audit: held-out forget loss (left) and strongest-attack AUC (right) per fine-tune step, for the
+    model and its baseline on one axis, with the original model's loss and the "relearned" threshold."""
+    fig, (loss_ax, auc_ax) = _figure(2)
+    split = relearn["baseline_split"]
+    for label, curve, key in (("unlearned model (held-out forget)", relearn["model"], "forget"),
+                              (baseline_label, relearn["baseline_curve"], split)):
+        steps = [q["step"] for q in curve["points"]]
+        loss_ax.plot(steps, [q["losses"][key] for q in curve["points"]], marker="o", markersize=3, label=label)
+        auc_ax.plot(steps, [q["strongest_auc"] for q in curve["points"]], marker="o", markersize=3, label=label)
+    loss_ax.axhline(relearn["original"]["losses"]["forget"], linestyle="--", linewidth=1, color="C3",
+                    label="original model (held-out forget)")
+    loss_ax.axhline(relearn["threshold"], linestyle=":", linewidth=1, color="C4",
+                    label=f"relearned (within {relearn['within']:g})")
+    auc_ax.axhline(0.5, linestyle="--", linewidth=1, color="grey", label="chance")
+    loss_ax.set_xlabel("fine-tune step")
+    loss_ax.set_ylabel("mean token loss")
+    auc_ax.set_xlabel("fine-tune step")
+    auc_ax.set_ylabel("strongest attack AUC")
+    loss_ax.legend(fontsize="small")
+    auc_ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def plot_sweep_heatmap(x_values: Sequence, y_values: Sequence, gap, degraded, in_band, path, *, title: str,
                        x_label: str, y_label: str, limit: float, band: float, overshot=None) -> Path:
     """One method's sweep grid: cell colour = forget-loss gap to the target (nats), an x where the retain loss

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .plots import plot_loss_histograms, plot_roc, plot_split_losses_over_steps
+from .plots import plot_loss_histograms, plot_relearning, plot_roc, plot_split_losses_over_steps
 
 ROC_ATTACKS = ("loss", "zlib", "min_k_20", "min_k_pp_20", "ref")
 
@@ -92,7 +92,11 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
     unreliable = bool(split_check) and not split_check["passed"]
     # Every figure that compares with the approximate set carries the warning when the split check failed.
     caveat = " ⚠ approximate set unreliable (see the split check)" if unreliable else ""
-    lines = [f"# dsunlearn report: {metrics.get('method', '')}", "",
+    # An audit that fails overrules a "forgotten" verdict: said before anything else.
+    failures = [f"- **{line}**" + (" (the verdict below says forgotten; it did not last)"
+                                   if metrics.get("judgement", {}).get("ok") else "")
+                for line in audit_failures(metrics.get("audits"))]
+    lines = [f"# dsunlearn report: {metrics.get('method', '')}", "", *failures,
              f"- model: `{metrics.get('model')}`",
              f"- steps run: {metrics.get('steps')}; weights exported from step {metrics.get('exported_step')}",
              f"- stop: {metrics.get('stop_reason') or 'planned number of steps reached'}",
@@ -111,6 +115,8 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
                   split_check["markdown"], ""]
     if metrics.get("cost"):
         lines += cost_section(metrics["cost"])
+    if metrics.get("audits"):
+        lines += audit_section(metrics["audits"], run_dir)
     for section in extra_sections or []:
         lines += [section, ""]
     for title, path in images:
@@ -123,7 +129,8 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
 def cost_section(cost: dict) -> list[str]:
     lines = ["## Cost", "", f"- parameters: {cost['num_params']:,}",
              f"- FLOPs per optimizer step: {cost['flops_per_step']['total']:.3g} "
-             f"(train {cost['flops_per_step']['train']:.3g}, reference forward "
+             f"({'LoRA train' if cost['flops_per_step'].get('adapter_train') else 'train'} "
+             f"{cost['flops_per_step']['train'] + cost['flops_per_step'].get('adapter_train', 0):.3g}, reference forward "
              f"{cost['flops_per_step']['reference_forward']:.3g})",
              f"- unlearning FLOPs: {cost['unlearning_flops']:.3g} over {cost['steps']} steps "
              f"(+ one-time forwards {cost['one_time_forward_flops']:.3g})"]
@@ -136,3 +143,47 @@ def cost_section(cost: dict) -> list[str]:
             lines += [f"- at this run's measured throughput: retraining ≈ {r['retrain_seconds']:.3g} s vs "
                       f"unlearning {r['unlearning_seconds']:.3g} s"]
     return lines + [""]
+
+
+def audit_failures(audits: Optional[dict]) -> list[str]:
+    """One line per failed audit (the report's first lines)."""
+    if not audits:
+        return []
+    return [f"the {name} audit fails: {audits[name]['finding']}" for name in ("relearn", "quantize")
+            if audits.get(name, {}).get("failed")]
+
+
+def audit_section(audits: dict, run_dir: Path) -> list[str]:
+    """The report's audit section (markdown) and its relearning plot."""
+    lines = ["## Audits: does the forgetting last? (docs/evaluation.md)", ""]
+    r = audits.get("relearn")
+    if r:
+        twin = r["baseline"] == "twin"
+        lines += [f"### Relearning: {'FAILED' if r['failed'] else 'passed'}", "",
+                  f"- fine-tune: {r['steps']} steps, {r['batch_size']} chunks per step, lr {r['lr']:g}, on {r['data']}",
+                  f"- {r['finding']}",
+                  f"- after the fine-tune: held-out forget loss {r['final']['model_forget_loss']:.3f}, strongest AUC "
+                  f"{r['final']['model_strongest_auc']:.3f}; {r['baseline']}: loss {r['final']['baseline_loss']:.3f}, "
+                  f"strongest AUC {r['final']['baseline_strongest_auc']:.3f}",
+                  f"- the original model: held-out forget loss {r['original']['losses']['forget']:.3f}", ""]
+        path = plot_relearning(r, run_dir / "plots" / "relearn.png",
+                               baseline_label="twin (held-out forget)" if twin else "original (approximate)")
+        lines += [f"![relearning]({path.relative_to(run_dir)})", ""]
+    q = audits.get("quantize")
+    if q:
+        has_twin = q["twin"] is not None
+        lines += [f"### Quantization: {'FAILED' if q['failed'] else 'passed'}", "", f"- {q['scheme']}, group size "
+                  f"{q['group_size']}", f"- {q['finding']}", "",
+                  "| weights | forget loss | Δ | strongest AUC | Δ | unseen-like ≤ |" +
+                  (" twin forget loss | Δ | twin strongest AUC | Δ |" if has_twin else ""),
+                  "|---|---|---|---|---|---|" + ("---|---|---|---|" if has_twin else "")]
+        for row in q["rows"]:
+            label = "full precision" if row["bits"] == "full" else f"{row['bits']}-bit"
+            line = (f"| {label} | {row['losses']['forget']:.3f} | {row['loss_change']['forget']:+.3f} | "
+                    f"{row['strongest_auc']:.3f} | {row['auc_change']:+.3f} | {row['unseen_like_high']:.3f} |")
+            if has_twin:
+                line += (f" {row['twin_losses']['forget']:.3f} | {row['twin_loss_change']['forget']:+.3f} | "
+                         f"{row['twin_strongest_auc']:.3f} | {row['twin_auc_change']:+.3f} |")
+            lines.append(line)
+        lines.append("")
+    return lines

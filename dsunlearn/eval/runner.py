@@ -29,7 +29,7 @@ from .verdict import (MEMBER_SPLIT, NONMEMBER_SPLIT, distance_to_retraining, for
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: judgement, distance_to_retraining; the verdict from eval/verdict.py
+SCHEMA_VERSION = 3  # 2: judgement, distance_to_retraining; the verdict from eval/verdict.py. 3: audits
 
 
 @dataclass
@@ -39,20 +39,20 @@ class EvalSplit:
     texts: list      # decoded text per chunk (zlib attack)
 
 
+def eval_split(name: str, chunks, cfg: RunConfig, tokenizer) -> EvalSplit:
+    """One split's chunks (a ``datasets.Dataset``), at most ``eval.max_chunks`` of them."""
+    if cfg.eval.max_chunks is not None and len(chunks) > cfg.eval.max_chunks:
+        # A seeded sample over all documents (the first N chunks would be the first few documents only).
+        rng = np.random.default_rng([cfg.train.seed, len(chunks)])
+        chunks = chunks.select(np.sort(rng.choice(len(chunks), cfg.eval.max_chunks, replace=False)))
+    ids = [list(x) for x in chunks["input_ids"]]
+    return EvalSplit(name=name, input_ids=ids, texts=tokenizer.batch_decode(ids, skip_special_tokens=True))
+
+
 def load_eval_splits(cfg: RunConfig, tokenizer, streams: dict) -> dict[str, EvalSplit]:
     """Every configured split of ``eval.splits`` that has data (``streams``: tokenised by ``prepare``)."""
-    out = {}
-    for name in cfg.eval.splits:
-        if name not in streams:
-            continue
-        chunks = streams[name].chunks
-        if cfg.eval.max_chunks is not None and len(chunks) > cfg.eval.max_chunks:
-            # A seeded sample over all documents (the first N chunks would be the first few documents only).
-            rng = np.random.default_rng([cfg.train.seed, len(chunks)])
-            chunks = chunks.select(np.sort(rng.choice(len(chunks), cfg.eval.max_chunks, replace=False)))
-        ids = [list(x) for x in chunks["input_ids"]]
-        out[name] = EvalSplit(name=name, input_ids=ids, texts=tokenizer.batch_decode(ids, skip_special_tokens=True))
-    return out
+    return {name: eval_split(name, streams[name].chunks, cfg, tokenizer) for name in cfg.eval.splits
+            if name in streams}
 
 
 @torch.no_grad()
@@ -265,7 +265,7 @@ class Evaluator:
         if self.tracks_best and step > 0 and better(result["judgement"], self.best and self.best["result"]["judgement"]):
             self.best = {"entry": entry, "result": result}
             if self.cfg.output.save_model:
-                E.export_hf_model(self.engine, self.tokenizer, str(self.run_dir / "model"))
+                E.export_hf_model(self.engine, self.tokenizer, str(self.run_dir / "model"), E.adapter_dir(self.cfg))
         self._save_state()
         return "stop" if step > 0 and stop_rule_holds(result, self.cfg) else None
 
@@ -276,10 +276,15 @@ class Evaluator:
                      utility_tolerance=e.utility_tolerance, auc_band=e.auc_band,
                      split_check=None if self.standalone else self.split_check)
 
-    def finish(self, state, extra: Optional[dict] = None) -> dict:
-        """Final evaluation (when the last one was not of the final weights), metrics.json, report.md, plots."""
+    def conclude(self, state) -> None:
+        """The final evaluation, unless the last one was of the final weights."""
         if not self.history or self.history[-1]["step"] != state.step or self.last_full is None:
             self.evaluate(state.step, label="after")
+
+    def finish(self, state, extra: Optional[dict] = None) -> dict:
+        """Final evaluation (when the last one was not of the final weights), metrics.json, report.md, plots.
+        ``extra`` adds top-level fields: ``cost``, ``audits`` (``eval/audit.py``)."""
+        self.conclude(state)
         last = {"entry": self.history[-1], "result": self.last_full}
         after = (self.best or last) if self.tracks_best else last
         metrics = {
@@ -298,6 +303,7 @@ class Evaluator:
             "retrained": compact(self.retrained) if self.retrained else None,
             "split_check": {k: v for k, v in self.split_check.items() if k != "markdown"} if self.split_check else None,
             "history": self.history,
+            "audits": None,
             **(extra or {}),
         }
         if E.is_main():

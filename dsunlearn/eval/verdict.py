@@ -72,6 +72,22 @@ def extreme_attacks(mia: dict, exclude: tuple = ()) -> tuple[tuple[str, float], 
     return (strongest, aucs[strongest]), (weakest, aucs[weakest])
 
 
+def unseen_like_levels(result: dict, twin: Optional[dict], auc_band: Optional[float]) -> tuple[float, float, float]:
+    """(the twin's strongest attack AUC, its weakest, the band): criterion 2's reference levels for ``result``.
+
+    The twin's own reference attack is left out (0.5 by construction); without a twin both levels are 0.5. A band of
+    None is the null band at ``result``'s set sizes (``null_auc_band``)."""
+    if twin and twin.get("mia"):
+        (_, high), (_, low) = extreme_attacks(twin["mia"], exclude=(REFERENCE_ATTACK,))
+    else:
+        high = low = 0.5
+    if auc_band is None:
+        splits = result["splits"]
+        auc_band = null_auc_band(splits[MEMBER_SPLIT]["num_chunks"], splits[NONMEMBER_SPLIT]["num_chunks"]) \
+            if NONMEMBER_SPLIT in splits and "num_chunks" in splits.get(MEMBER_SPLIT, {}) else MIN_AUC_BAND
+    return high, low, auc_band
+
+
 def privleak(auc: float, reference_auc: float) -> float:
     """MUSE's PrivLeak: the signed relative AUC difference to the retrained model's (or to 0.5 without one)."""
     return (auc - reference_auc) / reference_auc
@@ -132,13 +148,7 @@ def judge(result: dict, before: Optional[dict], twin: Optional[dict], *, stop_to
     figures: dict = {"forget_loss": forget, "target": target}
     if result.get("mia"):
         (strong, strong_auc), (weak, weak_auc) = extreme_attacks(result["mia"])
-        if twin and twin.get("mia"):
-            (_, ref_high), (_, ref_low) = extreme_attacks(twin["mia"], exclude=(REFERENCE_ATTACK,))
-        else:
-            ref_high = ref_low = 0.5
-        if auc_band is None:
-            auc_band = null_auc_band(splits[MEMBER_SPLIT]["num_chunks"], splits[NONMEMBER_SPLIT]["num_chunks"]) \
-                if NONMEMBER_SPLIT in splits and "num_chunks" in splits[MEMBER_SPLIT] else MIN_AUC_BAND
+        ref_high, ref_low, auc_band = unseen_like_levels(result, twin, auc_band)
         figures.update(strongest_attack=strong, strongest_auc=strong_auc, weakest_attack=weak, weakest_auc=weak_auc,
                        unseen_like_high=ref_high + auc_band, unseen_like_low=ref_low - auc_band, auc_band=auc_band)
         if strong_auc > ref_high + auc_band:

@@ -172,7 +172,8 @@ def test_run_writes_report_and_metrics(runs):
     metrics = json.loads((runs["two"] / "metrics.json").read_text())
     summary = json.loads((runs["two"] / "summary.json").read_text())
     rows = _rows(runs["two"])
-    assert metrics["schema_version"] == 2 and metrics["steps"] == NUM_STEPS == summary["steps"] == rows[-1]["step"]
+    assert metrics["schema_version"] == 3 and metrics["audits"] is None
+    assert metrics["steps"] == NUM_STEPS == summary["steps"] == rows[-1]["step"]
     assert [h["step"] for h in metrics["history"]] == [0, NUM_STEPS]
     # No stop rule: the exported weights are the final ones, and "after" is their evaluation.
     assert metrics["exported_step"] == NUM_STEPS and metrics["after"]["splits"] == metrics["history"][-1]["splits"]

@@ -1,0 +1,151 @@
+"""LoRA unlearning: train low-rank adapters, keep the model frozen, and get theta_0 for free by switching them off.
+
+LoRA (Hu et al. 2021, arXiv:2106.09685) adds ``W x + (alpha / r) * B A x`` beside each targeted linear layer, with
+``A`` (r x in) random, ``B`` (out x r) zero at the start, so the adapted model *is* theta_0 before the first step. The
+``peft`` package injects the adapters (``adapter`` section of the run config); DeepSpeed shards them like any
+parameter. Only the adapters train: the optimizer holds ~2 r (in + out) parameters per targeted layer instead of the
+model, and no gradient of a frozen weight is ever stored. The frozen base still runs forward and backward (through
+the activations), so a step costs ~2/3 of a full fine-tuning step in FLOPs (``cost.py``, pass kind
+``adapter_train``), not less.
+
+theta_0 for KL, NPO and RMU (``reference.mode = "adapters_off"``, the default with an adapter) is the same
+model with the adapters disabled: one model in memory, no reference engine and no cache, one extra no-grad forward per
+micro-step over the streams that need it (``reference.AdaptersOffReference``). Disabled LoRA layers call the base
+layer alone, so these outputs are the original model's exactly (tested bit for bit).
+
+Export: the adapters are folded into the weights they sit beside, ``W' = W + (alpha / r) B A`` (transposed for GPT-2's
+Conv1D), and the model is written as plain safetensors that load with ``AutoModelForCausalLM`` and no peft
+(``merged_state_dict``); ``adapter.save_adapter`` also writes the adapter alone in peft's format.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from typing import Optional
+
+import torch
+
+from .config import AdapterConfig, ConfigError
+
+log = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_NAME = "default"
+
+
+@contextlib.contextmanager
+def quiet_torchao():
+    """peft imports torchao when it is installed, and torchao logs a warning for every CUDA-only kernel library that
+    cannot load (every CPU machine): noise, raised to ERROR while importing."""
+    logger = logging.getLogger("torchao")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def target_modules(model: torch.nn.Module, adapter: AdapterConfig, trainable_pattern: Optional[str]):
+    """The modules that get adapters: ``adapter.target_modules`` when given; else, for a method that trains only some
+    weights (RMU: ``trainable_params``), the linear layers whose weight it matches; else every linear layer of the
+    decoder blocks, attention and MLP (peft's ``"all-linear"``: the LM head is left out)."""
+    if adapter.target_modules:
+        return list(adapter.target_modules)
+    if trainable_pattern is None:
+        return "all-linear"
+    regex = re.compile(trainable_pattern)
+    names = [n for n, m in model.named_modules() if hasattr(m, "weight") and regex.fullmatch(f"{n}.weight")]
+    if not names:
+        raise ConfigError(f"adapter: the method's trainable_params {trainable_pattern!r} matches no layer to adapt; "
+                          f"set adapter.target_modules")
+    return names
+
+
+def check_adapter(model_config, adapter: AdapterConfig, trainable_pattern: Optional[str] = None) -> None:
+    """Before any weights load (``prepare``): every ``adapter.target_modules`` entry names a module of the model (peft
+    matches a full name or a ``.``-separated suffix), and the default targets exist."""
+    from .cost import meta_model
+    model = meta_model(model_config)
+    names = [n for n, _ in model.named_modules() if n]
+    targets = target_modules(model, adapter, trainable_pattern)
+    if isinstance(targets, str):
+        return
+    for key in targets:
+        if not any(n == key or n.endswith("." + key) for n in names):
+            raise ConfigError(f"adapter.target_modules: no module of the model is named {key!r} (e.g. "
+                              f"{', '.join(n for n in names if n.count('.') >= 3)[:160]}...)")
+
+
+def apply_adapter(model: torch.nn.Module, adapter: AdapterConfig, trainable_pattern: Optional[str] = None,
+                  seed: int = 0):
+    """``model`` wrapped by peft with LoRA adapters (``adapter``); every other parameter frozen. Before
+    ``deepspeed.initialize``: DeepSpeed then partitions the adapters like the rest. ``A`` is drawn from ``seed``
+    (``train.seed``): every rank, and a run on any number of ranks, starts from the same adapters."""
+    with quiet_torchao():
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ConfigError("adapter.rank > 0 needs the peft package: pip install 'dsunlearn[lora]'") from None
+    targets = target_modules(model, adapter, trainable_pattern)
+    config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                        target_modules=targets, bias="none")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            wrapped = get_peft_model(model, config)
+    except ValueError as e:  # peft: a target module not found, or of a type it cannot adapt
+        raise ConfigError(f"adapter.target_modules: {e}") from None
+    return wrapped
+
+
+def is_adapted(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def adapters_disabled(model: torch.nn.Module):
+    """The context in which ``model`` (a peft model, or a DeepSpeed engine around one) computes theta_0: every
+    adapter off."""
+    inner = getattr(model, "module", None)
+    return (inner if isinstance(inner, torch.nn.Module) else model).disable_adapter()
+
+
+def adapter_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the adapters (ZeRO-3 partitioned parameters counted whole)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def _fan_in_fan_out(model: torch.nn.Module) -> set[str]:
+    """Adapted layers whose weight is stored [in, out] (GPT-2's Conv1D), by state-dict prefix."""
+    return {f"{name}." for name, module in model.named_modules()
+            if getattr(module, "fan_in_fan_out", False) and hasattr(module, "base_layer")}
+
+
+def merged_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict of a peft model (``model``, for its LoRA settings) with every adapter folded in and peft's
+    names undone: ``...q_proj.base_layer.weight`` + ``lora_B @ lora_A * alpha / r`` -> ``...q_proj.weight``. The
+    arithmetic is in fp32, the result in the weight's dtype."""
+    lora_layers = {f"{name}.": module for name, module in model.named_modules()
+                   if hasattr(module, "base_layer") and hasattr(module, "lora_A")}
+    transposed = _fan_in_fan_out(model)
+    out = {}
+    for key, value in state_dict.items():
+        if ".lora_" in key:
+            continue
+        if key.endswith(".base_layer.weight"):
+            prefix = key[: -len("base_layer.weight")]
+            layer = lora_layers[prefix]
+            a = state_dict[f"{prefix}lora_A.{ADAPTER_NAME}.weight"].float()
+            b = state_dict[f"{prefix}lora_B.{ADAPTER_NAME}.weight"].float()
+            delta = (b @ a) * layer.scaling[ADAPTER_NAME]
+            if prefix in transposed:
+                delta = delta.t()
+            value = (value.float() + delta).to(value.dtype)
+        out[key.replace(".base_layer.", ".")] = value
+    return {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in out.items()}
+
+
+def adapter_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapters alone, named as peft's ``save_pretrained`` names them (no adapter name in the key)."""
+    return {k.replace(f".{ADAPTER_NAME}.", "."): v for k, v in state_dict.items() if ".lora_" in k}

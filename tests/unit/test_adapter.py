@@ -1,0 +1,188 @@
+"""LoRA unlearning (dsunlearn/adapter.py): theta_0 through "adapters off", gradients only in the adapters, every method
+with an adapter, the merged export, the cost of a LoRA step, the config."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsunlearn import loop
+from dsunlearn import reference as R
+from dsunlearn.adapter import adapters_disabled, apply_adapter, merged_state_dict
+from dsunlearn.cli import main
+from dsunlearn.config import AdapterConfig, RunConfig, from_dict
+from dsunlearn.methods import METHODS, build_method, term_weights
+from dsunlearn.methods.terms import chunk_nll
+from helpers import CPU_ZERO3, write_run_config
+from test_methods import SEQ_LEN, STEP_CASES, _batches, _streams, world  # noqa: F401 - world is a fixture
+
+LORA = AdapterConfig(rank=4, alpha=8.0)
+
+
+def _randomise_adapters(model, seed=0):
+    """LoRA's B starts at zero (adapted == base); give every adapter weight a value, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _logits(model, ids):
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def test_adapters_off_is_the_base_model_exactly_and_only_adapters_get_gradients(world):
+    base = copy.deepcopy(world["theta0"])
+    adapted = apply_adapter(copy.deepcopy(world["theta0"]), LORA)
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):  # two steps: B moves off zero, then A gets a gradient too
+        chunk_nll(_logits(adapted, ids), ids).mean().neg().backward()
+        for n, p in adapted.named_parameters():
+            if ".lora_" in n:
+                assert p.requires_grad and p.grad is not None
+            else:
+                assert not p.requires_grad and p.grad is None, n
+        opt.step()
+        opt.zero_grad()
+    assert all(p.abs().sum() > 0 for n, p in adapted.named_parameters() if ".lora_B" in n)
+    with torch.no_grad():
+        assert not torch.allclose(_logits(adapted, ids), _logits(base, ids))  # the adapters changed the model
+        with adapters_disabled(adapted):
+            assert torch.equal(_logits(adapted, ids), _logits(base, ids))  # bit for bit
+        assert not torch.allclose(_logits(adapted, ids), _logits(base, ids))  # and they are back on after
+
+
+def test_merged_state_dict_equals_the_adapted_model():
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    for config in (LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True),
+                   GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=32)):  # Conv1D: [in, out]
+        torch.manual_seed(0)
+        plain = AutoModelForCausalLM.from_config(config).eval()  # from_config builds in training mode: dropout
+        adapted = apply_adapter(copy.deepcopy(plain), LORA)
+        _randomise_adapters(adapted)
+        merged = merged_state_dict(adapted.state_dict(), adapted)
+        assert not any(".lora_" in k or "base_layer" in k or k.startswith("base_model") for k in merged)
+        fresh = AutoModelForCausalLM.from_config(config)
+        missing, unexpected = fresh.load_state_dict(merged, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+        ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            want, got = _logits(adapted, ids), _logits(fresh.eval(), ids)
+            assert torch.allclose(got, want, atol=1e-5), (type(config).__name__, (got - want).abs().max())
+            assert not torch.allclose(got, _logits(plain.eval(), ids), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_every_method_steps_with_an_adapter_and_adapters_off_reference(world, tmp_path, name):
+    """Three LoRA steps raise the forget NLL (RMU: move the activations); only adapter weights move; theta_0 comes from the adapters switched
+    off, and equals the original model's outputs bit for bit after the steps."""
+    params = STEP_CASES[name]
+    cfg = from_dict(RunConfig, {
+        "model": {"path": world["model"]},
+        "data": {k: world[k] for k in ("forget", "retain", "approximate", "general")} | {"seq_len": SEQ_LEN},
+        "method": {"name": name, "params": params}, "adapter": {"rank": 4, "alpha": 8.0},
+        "train": {"micro_batch_size": 4, "seed": 42}, "output": {"run_dir": str(tmp_path / "run")}})
+    assert cfg.reference.mode == "adapters_off"
+    method = build_method(cfg.method)
+    model = apply_adapter(copy.deepcopy(world["theta0"]), cfg.adapter, method.trainable_params)
+    method.check_trainable([n for n, p in model.named_parameters() if p.requires_grad])
+    streams = _streams(world, cfg, world["tok"], method.streams)
+    R.attach_precomputed(cfg, method, model, streams, world["tok"])
+    reference = R.build_reference(cfg, {}, method, model, streams, world["tok"])
+    assert (reference is None) == (not method.reference)
+    if reference is not None:
+        assert isinstance(reference, R.AdaptersOffReference)
+    weights = term_weights(method, cfg.method)
+    batches = _batches(method, streams, world["tok"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with torch.no_grad():
+        out = loop.fused_forward(model, method, batches, reference)
+    for _ in range(3):  # LoRA's first step moves only B (A's gradient is B^T-weighted: zero at the start)
+        sum(weights[k] * v for k, v in method.terms(loop.fused_forward(model, method, batches, reference)).items()
+            ).backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        out2 = loop.fused_forward(model, method, batches, reference)
+        if reference is not None:  # still theta_0 after the step
+            for stream, ref in reference.outputs_for(batches, torch.device("cpu")).items():
+                plain = R.EngineReference(world["theta0"], *R._check_needs(method)).outputs_for(
+                    batches, torch.device("cpu"))[stream]
+                for field in ("topk_logprobs", "seq_logprob", "hidden"):
+                    if getattr(ref, field) is not None:
+                        assert torch.equal(getattr(ref, field), getattr(plain, field)), (name, field)
+    if name == "rmu":  # its loss is on activations: they moved toward c * u
+        assert method.terms(out2)["forget"].item() < method.terms(out)["forget"].item()
+    else:
+        nll = [chunk_nll(o["forget"].logits, o["forget"].labels).mean().item() for o in (out, out2)]
+        assert nll[1] > nll[0], (name, nll)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n for n in changed)
+    if name == "rmu":  # the adapters sit on the layers RMU trains, nowhere else
+        assert {n.split(".lora_")[0] for n in changed} <= {
+            "base_model.model.model.layers.0.mlp.down_proj", "base_model.model.model.layers.1.mlp.down_proj"}
+
+
+def test_lora_run_under_zero3_exports_merged_weights_and_the_adapter(world, tmp_path):
+    """A GA+KL LoRA run through the real engine (ZeRO-3, one rank): the merged export loads with plain transformers
+    and equals the original plus the exported adapter (peft); untouched weights are the original's bit for bit."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    cfg = write_run_config(tmp_path / "run.json", world, tmp_path / "run", method={"name": "ga_kl"},
+                           adapter={"rank": 4, "alpha": 8.0, "save_adapter": True},
+                           train={"num_steps": 3, "lr": 1e-2})
+    from dsunlearn.config import load_run_config
+    assert loop.unlearn(load_run_config(str(cfg)), CPU_ZERO3) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "reference.json").read_text())["reference"]["mode"] == "adapters_off"
+    cost = json.loads((run / "summary.json").read_text())["cost"]["flops_per_step"]
+    assert cost["train"] == 0 and cost["adapter_train"] > 0 and cost["reference_forward"] > 0
+    merged = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    original = AutoModelForCausalLM.from_pretrained(world["model"]).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["model"]),
+                                             run / "adapter").eval()
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(_logits(merged, ids), _logits(with_adapter, ids), atol=1e-5)
+        assert not torch.allclose(_logits(merged, ids), _logits(original, ids), atol=1e-3)
+    m, o = merged.state_dict(), original.state_dict()
+    assert torch.equal(m["model.embed_tokens.weight"], o["model.embed_tokens.weight"])
+    assert torch.equal(m["model.norm.weight"], o["model.norm.weight"])
+    assert not torch.equal(m["model.layers.0.self_attn.q_proj.weight"], o["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_lora_flops_per_step():
+    from dsunlearn.cost import ModelShape, Pass, step_flops
+    shape = ModelShape(num_params=1000, num_embedding_params=200, num_layers=2, hidden_size=8, vocab_size=25,
+                       num_adapter_params=10)
+    full, lora = (step_flops(shape, 16, [Pass(kind, 64)]) for kind in ("train", "adapter_train"))
+    forward = step_flops(shape, 16, [Pass("forward", 64)])["total"]
+    assert full["total"] == 3 * forward and lora["total"] == 2 * forward + 6 * 10 * 64
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("reference.mode=adapters_off", "needs an adapter"),
+    ("adapter.rank=-1", "adapter.rank"),
+    ("adapter.dropout=1.5", "adapter.dropout"),
+    ("adapter.target_modules=[\"no_such_layer\"]", "adapter.target_modules"),
+])
+def test_bad_adapter_config_is_one_line_and_exit_2(toy_world, tmp_path, capsys, override, fragment):
+    cfg = write_run_config(tmp_path / "run.json", toy_world, tmp_path / "run", adapter={"rank": 0})
+    extra = ["--set", "adapter.rank=4"] if "target_modules" in override else []
+    code = main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3, "--set", override, *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_reference_mode_auto_follows_the_adapter():
+    assert RunConfig().reference.mode == "engine"
+    assert RunConfig(adapter=AdapterConfig(rank=8)).reference.mode == "adapters_off"
+    assert set(METHODS) == set(STEP_CASES)
