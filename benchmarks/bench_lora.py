@@ -47,7 +47,7 @@ def run_one(method: str, rank: int, world: dict, work: Path, args) -> dict:
     out.mkdir(parents=True)
     cfg = {"model": {"path": world["model"]},
            "data": {k: world[k] for k in ("forget", "retain")} | {"seq_len": args.seq_len},
-           "method": {"name": method}, "adapter": {"rank": rank, "alpha": 2.0 * rank},
+           "method": {"name": method}, "adapter": {"rank": rank, "alpha": 2.0 * rank or 16.0},
            "train": {"micro_batch_size": args.micro_batch_size, "num_steps": args.steps, "lr": 1e-5,
                      "warmup_ratio": 0.0},
            "eval": {"splits": []}, "output": {"run_dir": str(run_dir), "save_model": False}}

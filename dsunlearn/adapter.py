@@ -19,32 +19,16 @@ Conv1D), and the model is written as plain safetensors that load with ``AutoMode
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
 from typing import Optional
 
 import torch
 
 from .config import AdapterConfig, ConfigError
-
-log = logging.getLogger(__name__)
+from .logs import quiet_torchao
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
-
-
-@contextlib.contextmanager
-def quiet_torchao():
-    """peft imports torchao when it is installed, and torchao logs a warning for every CUDA-only kernel library that
-    cannot load (every CPU machine): noise, raised to ERROR while importing."""
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def target_modules(model: torch.nn.Module, adapter: AdapterConfig, trainable_pattern: Optional[str]):

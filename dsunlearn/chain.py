@@ -23,6 +23,7 @@ back to the original at every request (and NPO then compares with a model that s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -42,25 +43,46 @@ def model_hash(cfg: RunConfig, path: str) -> str:
     return model_fingerprint(with_model(cfg, path), default_cache_dir(cfg))
 
 
+def data_digest(path: str) -> Optional[str]:
+    """sha256 of a data file, or of a folder's files (names and contents); None when it does not exist (``prepare``
+    then refuses it with the data loader's message)."""
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    if not p.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(str(f.relative_to(p)).encode() + b"\0" + sha256_file(f).encode() + b"\0")
+    return h.hexdigest()
+
+
 def request_entry(cfg: RunConfig, index: int, start_hash: str, after: Optional[str]) -> dict:
     return {"index": index, "run_dir": str(Path(cfg.output.run_dir).resolve()), "after": after,
             "method": cfg.method.name, "forget": str(Path(cfg.data.forget).resolve()) if cfg.data.forget else None,
-            "forget_sha256": sha256_file(cfg.data.forget) if cfg.data.forget else None,
+            "forget_sha256": data_digest(cfg.data.forget) if cfg.data.forget else None,
             "start_model": {"path": str(Path(cfg.model.path).resolve()), "sha256": start_hash},
             "theta0": cfg.reference.path or "start model", "result_model": None}
 
 
-def read_chain(run_dir: Path) -> dict:
-    """A finished run's chain: its chain.json, or (a run made before chains were recorded) one request built from its
-    config.json."""
+def recorded_chain(run_dir: Path) -> Optional[dict]:
+    """The chain a run directory recorded (None for a run made before chains were recorded)."""
     path = run_dir / CHAIN_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_chain(run_dir: Path) -> dict:
+    """The chain of the run ``--after`` names."""
+    chain = recorded_chain(run_dir)
+    if chain is not None:
+        return chain
     raise ConfigError(f"--after {run_dir}: {CHAIN_FILE} missing (not a dsunlearn unlearning run, or made by a version "
                       f"that did not record chains)")
 
 
 def _plan(cfg: RunConfig, after: Optional[str]) -> tuple[RunConfig, dict]:
+    if cfg.model.path:
+        E.check_model_dir(cfg)  # its own message before any hashing
     if after is None:
         start = model_hash(cfg, cfg.model.path)
         chain = {"schema_version": SCHEMA_VERSION,

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty run directory")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--after", metavar="RUN_DIR", help="a removal request after an earlier one: start from RUN_DIR's "
+                                                      "model, re-evaluate every earlier forget set, record the chain")
     p.add_argument("--help-config", action="store_true", help="list every run-config field with its default")
 
     p = sub.add_parser("pretrain", help="train a causal LM from scratch with the same engine (the demo world's models)")
@@ -126,10 +128,12 @@ def cmd_unlearn(args) -> int:
     if args.help_config:
         print("\n".join(describe()))
         return 0
+    if args.after and args.resume:
+        raise ConfigError("--after and --resume: a resumed run already knows its chain; give only --resume RUN_DIR")
     cfg, zero_path = _load_configs(args)
     if args.dry_run:
-        return dry_run(cfg, zero_path, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
-    code = loop.unlearn(cfg, zero_path, overwrite=args.overwrite, resume=bool(args.resume))
+        return dry_run(cfg, zero_path, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.after)
+    code = loop.unlearn(cfg, zero_path, overwrite=args.overwrite, resume=bool(args.resume), after=args.after)
     from . import engine as E
     if E.is_main():
         summary = json.loads((Path(cfg.output.run_dir) / "summary.json").read_text())
@@ -138,12 +142,14 @@ def cmd_unlearn(args) -> int:
     return code
 
 
-def dry_run(cfg, zero_path: str, world_size: int) -> int:
+def dry_run(cfg, zero_path: str, world_size: int, after=None) -> int:
     """Everything a launch checks before it starts (``prepare``), without a process group or any weights."""
+    from .chain import earlier_forget_sets, plan_request
     from .prepare import prepare
-    p = prepare(cfg, zero_path, world_size)
+    cfg, chain = plan_request(cfg, after)
+    p = prepare(cfg, zero_path, world_size, earlier=earlier_forget_sets(chain))
     print(json.dumps({"run_config": to_dict(cfg), "zero_config": p.ds_config, "world_size": world_size,
-                      "num_steps": p.num_steps}, indent=2))
+                      "num_steps": p.num_steps, "chain": chain}, indent=2))
     return 0
 
 

@@ -1,6 +1,7 @@
 """Logging setup shared by every entry point (the CLI, the demo): INFO on rank 0, warnings elsewhere."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -11,3 +12,18 @@ def setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("DeepSpeed", "torch.distributed", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # peft imports torchao, which warns about every CUDA-only kernel library a CPU machine cannot load.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def quiet_torchao():
+    """torchao (imported by peft, and by the quantization audit) logs a warning for every CUDA-only kernel library a
+    CPU machine cannot load: noise, raised to ERROR while importing, for callers without ``setup_logging``."""
+    logger = logging.getLogger("torchao")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

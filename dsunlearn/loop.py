@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from . import engine as E
+from . import chain as C
 from . import reference as R
 from .adapter import apply_adapter
 from .config import RunConfig
@@ -130,17 +131,27 @@ def build_run(p: Prepared, reference_factory=None) -> Run:
 
 
 def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: bool = False,
-            reference_factory=None, method=None) -> int:
+            reference_factory=None, method=None, after: Optional[str] = None) -> int:
     """Run one unlearning job end to end. Returns the process exit code.
 
-    ``method`` overrides the registry lookup (``dsunlearn pretrain`` passes plain language modelling).
+    ``method`` overrides the registry lookup (``dsunlearn pretrain`` passes plain language modelling). ``after``: the
+    run directory of the previous removal request; this one starts from its model (``chain.py``).
     """
     started = time.time()
     E.init_distributed()
-    p = prepare(cfg, zero_path, E.world_size(), method=method)  # everything checkable, before the run dir is touched
     run_dir = cfg.output.run_dir
+    chain = None
+    if method is None:  # unlearning (not pretraining) records its chain of removal requests
+        chain = C.recorded_chain(Path(run_dir)) if resume else None
+        if not resume:
+            cfg, chain = C.plan_request(cfg, after)
+    earlier = C.earlier_forget_sets(chain) if chain else {}
+    # Everything checkable, before the run dir is touched.
+    p = prepare(cfg, zero_path, E.world_size(), method=method, earlier=earlier)
     claim_run_dir(run_dir, overwrite, resume)
     write_run_files(p, zero_path, resume)
+    if chain is not None and not resume:
+        C.write_chain(run_dir, chain)
     run = build_run(p, reference_factory)
     state = RunState()
     if resume:
@@ -163,11 +174,14 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
         # With the stop rule on, the evaluator has already exported the weights that best met it.
         if cfg.output.save_model and weights_ok and not (evaluator is not None and evaluator.tracks_best):
             E.export_hf_model(run.engine, p.tokenizer, str(Path(run_dir) / "model"), E.adapter_dir(cfg))
+        if chain is not None:
+            chain = C.record_result(cfg, run_dir) or chain
         audit = None
         if p.audits:
+            original = chain["original"]["path"] if chain else cfg.model.path
             audit = lambda: run_audits(p, str(Path(run_dir) / "model"), cfg.eval.retrained_model,  # noqa: E731
-                                       cfg.model.path)
-        finish(run, state, p.num_steps, exit_code, logger, evaluator, started, audit)
+                                       original)
+        finish(run, state, p.num_steps, exit_code, logger, evaluator, started, audit, chain)
     finally:
         logger.close()
     return exit_code
@@ -218,7 +232,7 @@ def train(run: Run, state: RunState, num_steps: int, logger: RunLogger, evaluato
 
 
 def finish(run: Run, state: RunState, num_steps: int, exit_code: int, logger: RunLogger,
-           evaluator: Optional[Evaluator], started: float, audit=None) -> None:
+           evaluator: Optional[Evaluator], started: float, audit=None, chain: Optional[dict] = None) -> None:
     """Cost, final evaluation, audits, metrics.json, report and summary.json, after the model is saved.
 
     These only describe the work: a failure here must not lose the model, summary.json or metrics.json, so each part
@@ -243,7 +257,7 @@ def finish(run: Run, state: RunState, num_steps: int, exit_code: int, logger: Ru
             for line in audits["failures"]:
                 log.warning("%s", line)
     if evaluator is not None:
-        extra = {k: v for k, v in (("cost", cost), ("audits", audits)) if v is not None}
+        extra = {k: v for k, v in (("cost", cost), ("audits", audits), ("chain", chain)) if v is not None}
         _describe(errors, "evaluation report", lambda: evaluator.finish(state, extra=extra))
     if E.is_main():
         write_json_atomic(Path(run.cfg.output.run_dir) / "summary.json",

@@ -82,12 +82,13 @@ def check_audits(cfg: RunConfig, audits: tuple, world_size: int) -> None:
 
 
 def prepare(cfg: RunConfig, zero_path: str, world_size: int, *, method=None, train: bool = True,
-            load_data: bool = True, audits: Optional[tuple] = None) -> Prepared:
+            load_data: bool = True, audits: Optional[tuple] = None, earlier: Optional[dict] = None) -> Prepared:
     """Resolve and check everything; ``train=False`` for scoring a model (``eval``: no method, no training streams),
     ``load_data=False`` to check names and files without tokenising (``sweep`` checks all its points up front).
 
     ``method`` overrides the registry lookup (``dsunlearn pretrain`` passes plain language modelling). ``audits``:
-    the audits to prepare for (default: ``eval.audits`` when training, none otherwise).
+    the audits to prepare for (default: ``eval.audits`` when training, none otherwise). ``earlier``: the forget sets
+    of earlier removal requests (``{"forget@1": path}``, ``chain.py``), evaluated beside this run's.
     """
     ds_config = resolve_configs(cfg, zero_path, world_size)
     audits = tuple(cfg.eval.audits if audits is None and train else audits or ())
@@ -112,11 +113,15 @@ def prepare(cfg: RunConfig, zero_path: str, world_size: int, *, method=None, tra
             check_adapter(model_config, cfg.adapter, method.trainable_params)
     if cfg.eval.retrained_model:
         E.check_model_dir(with_model(cfg, cfg.eval.retrained_model))
+    if cfg.reference.path:
+        E.check_model_dir(with_model(cfg, cfg.reference.path))
     out = Prepared(cfg=cfg, ds_config=ds_config, world_size=world_size, tokenizer=tokenizer,
                    model_config=model_config, method=method, weights=weights, audits=audits)
     if not load_data:
         return out
     eval_sources = {n: getattr(cfg.data, n) for n in cfg.eval.splits if getattr(cfg.data, n, None)}
+    if "forget" in cfg.eval.splits:
+        eval_sources.update(earlier or {})
     relearn = {}
     if "relearn" in audits:
         d = cfg.audit.relearn_data

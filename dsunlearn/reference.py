@@ -469,7 +469,9 @@ def build_reference(cfg: RunConfig, ds_config: dict, method, engine, streams: di
         from .zero import reference_config
         ref_cfg = reference_config(ds_config)
         start = time.perf_counter()
-        model, handle = E.load_model(cfg, ref_cfg)
+        from .prepare import with_model
+        source = with_model(cfg, cfg.reference.path) if cfg.reference.path else cfg
+        model, handle = E.load_model(source, ref_cfg, path=cfg.reference.path)
         ref_engine = E.build_frozen_engine(model, ref_cfg)
         _write_report(cfg, "reference", {"mode": "engine", "streams": needs,
                                          "seconds": round(time.perf_counter() - start, 3)})

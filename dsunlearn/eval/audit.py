@@ -41,6 +41,7 @@ import torch
 from .. import engine as E
 from ..config import ConfigError, RunConfig
 from ..data import StreamSampler, write_json_atomic
+from ..logs import quiet_torchao
 from ..methods.terms import chunk_nll
 from ..prepare import Prepared, prepare, with_model
 from .report import audit_failures, audit_section
@@ -64,14 +65,9 @@ def quantize_dequantize(weight: torch.Tensor, bits: int, group_size: int) -> tor
     A group is ``group_size`` inputs, or the greatest common divisor with the matrix's width when that does not divide
     it. The error per weight is at most half a step, ``max|w_group| / (2^bits - 1)``.
     """
-    torchao_log = logging.getLogger("torchao")
-    level = torchao_log.level
-    torchao_log.setLevel(logging.ERROR)  # its CUDA-only kernels fail to load on a CPU machine, harmlessly
-    try:
+    with quiet_torchao():
         from torchao.quantization import IntxWeightOnlyConfig, quantize_
         from torchao.quantization.granularity import PerGroup
-    finally:
-        torchao_log.setLevel(level)
     out_features, in_features = weight.shape
     layer = torch.nn.Linear(in_features, out_features, bias=False, device="cpu", dtype=torch.float32)
     with torch.no_grad():

@@ -110,6 +110,7 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
              *split_table(columns), *([f"{caveat.strip()}"] if caveat else []), "",
              "## Membership inference (AUC 0.5 = indistinguishable; reported as is, never folded)", "",
              *mia_table(columns), *([f"{caveat.strip()}"] if caveat else []), ""]
+    lines += earlier_requests_section(after, before, metrics.get("chain"))
     if split_check:
         lines += ["## Split check: is the approximate set a fair stand-in for unseen data?", "",
                   split_check["markdown"], ""]
@@ -187,3 +188,22 @@ def audit_section(audits: dict, run_dir: Path) -> list[str]:
             lines.append(line)
         lines.append("")
     return lines
+
+
+def earlier_requests_section(after: dict, before: Optional[dict], chain: Optional[dict]) -> list[str]:
+    """Did this removal request bring back an earlier one? Each earlier request's forget set (``forget@k``), before
+    and after this request: loss, and the strongest attack (members = that set, non-members = the approximate set)."""
+    earlier = after.get("earlier") or {}
+    if not earlier:
+        return []
+    lines = [f"## Earlier removal requests (this is request {len(chain['requests'])} of the chain, `chain.json`)"
+             if chain else "## Earlier removal requests", "",
+             "| forget set | loss before | loss after | strongest attack before | AUC before | strongest attack after | "
+             "AUC after |", "|---|---|---|---|---|---|---|"]
+    for name, now in earlier.items():
+        was = (before or {}).get("earlier", {}).get(name, {})
+        loss_before = (before or {}).get("splits", {}).get(name, {}).get("loss")
+        lines.append(f"| {name} | {_fmt(loss_before)} | {_fmt(after['splits'][name]['loss'])} | "
+                     f"{was.get('strongest_attack', '–')} | {_fmt(was.get('strongest_auc'))} | "
+                     f"{now['strongest_attack']} | {_fmt(now['strongest_auc'])} |")
+    return lines + [""]

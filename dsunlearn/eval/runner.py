@@ -29,6 +29,9 @@ from .verdict import (MEMBER_SPLIT, NONMEMBER_SPLIT, distance_to_retraining, for
 
 log = logging.getLogger(__name__)
 
+EARLIER_PREFIX = "forget@"
+"""Evaluation splits named ``forget@<k>``: the forget set of the k-th earlier removal request (``chain.py``)."""
+
 SCHEMA_VERSION = 3  # 2: judgement, distance_to_retraining; the verdict from eval/verdict.py. 3: audits
 
 
@@ -51,8 +54,8 @@ def eval_split(name: str, chunks, cfg: RunConfig, tokenizer) -> EvalSplit:
 
 def load_eval_splits(cfg: RunConfig, tokenizer, streams: dict) -> dict[str, EvalSplit]:
     """Every configured split of ``eval.splits`` that has data (``streams``: tokenised by ``prepare``)."""
-    return {name: eval_split(name, streams[name].chunks, cfg, tokenizer) for name in cfg.eval.splits
-            if name in streams}
+    names = [n for n in cfg.eval.splits if n in streams] + sorted(n for n in streams if n.startswith(EARLIER_PREFIX))
+    return {name: eval_split(name, streams[name].chunks, cfg, tokenizer) for name in names}
 
 
 @torch.no_grad()
@@ -100,6 +103,15 @@ def evaluate_model(model_engine, splits: dict[str, EvalSplit], cfg: RunConfig, p
         for key in sorted(k for k in stats[MEMBER_SPLIT] if k.startswith("mia_")):
             attacks[key[4:]] = attack_report(stats[MEMBER_SPLIT][key].numpy(), stats[NONMEMBER_SPLIT][key].numpy())
         result["mia"] = attacks
+    if mia and NONMEMBER_SPLIT in stats:  # every earlier request's forget set against the same unseen text
+        earlier = {}
+        for name in sorted(n for n in stats if n.startswith(EARLIER_PREFIX)):
+            aucs = {key[4:]: attack_report(stats[name][key].numpy(), stats[NONMEMBER_SPLIT][key].numpy())["auc"]
+                    for key in sorted(k for k in stats[name] if k.startswith("mia_") and k != "mia_ref")}
+            strongest = max(aucs, key=lambda k: (aucs[k], k))
+            earlier[name] = {"aucs": aucs, "strongest_attack": strongest, "strongest_auc": aucs[strongest]}
+        if earlier:
+            result["earlier"] = earlier
     if MEMBER_SPLIT in result["splits"] and NONMEMBER_SPLIT in result["splits"]:
         result["forget_gap"] = result["splits"][MEMBER_SPLIT]["loss"] - result["splits"][NONMEMBER_SPLIT]["loss"]
     if was_training:
@@ -137,7 +149,7 @@ def better(candidate: dict, incumbent: Optional[dict]) -> bool:
 def compact(result: dict) -> dict:
     """The figures of one evaluation without per-chunk lists and ROC points (for logs and history)."""
     out = {"splits": result["splits"]}
-    for key in ("forget_gap", "target", "target_gap", "judgement", "distance"):
+    for key in ("forget_gap", "target", "target_gap", "judgement", "distance", "earlier"):
         if result.get(key) is not None:
             out[key] = result[key]
     if "mia" in result:
@@ -304,6 +316,7 @@ class Evaluator:
             "split_check": {k: v for k, v in self.split_check.items() if k != "markdown"} if self.split_check else None,
             "history": self.history,
             "audits": None,
+            "chain": None,
             **(extra or {}),
         }
         if E.is_main():

@@ -20,3 +20,17 @@ def test_bench_gpu_step_runs_its_code_path_on_a_tiny_model():
     for row in rows:
         seconds = float(row.split(" | ")[1])
         assert seconds > 0
+
+
+def test_bench_lora_runs_its_code_path_on_a_tiny_model(tmp_path):
+    """LoRA vs full fine-tuning: both launches of one method, the table and the ratio line."""
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_lora.py"), "--ranks", "1", "--methods", "npo",
+                        "--hidden", "64", "--layers", "1", "--vocab", "512", "--seq-len", "64", "--steps", "2",
+                        "--rank", "4", "--work-dir", str(tmp_path)],
+                       env=launch_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in p.stdout.splitlines()
+            if line.startswith("| npo |")]
+    assert [r[1] for r in rows] == ["full, reference engine", "LoRA r=4, adapters off"]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)  # peak RSS (MiB), step (s)
+    assert "npo: LoRA / full peak memory" in p.stdout
