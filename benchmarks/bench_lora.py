@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -56,19 +55,9 @@ def run_one(method: str, rank: int, world: dict, work: Path, args) -> dict:
         cfg["method"]["weights"] = {"retain": 1.0}
     cfg_path = work / f"{label}.json"
     cfg_path.write_text(json.dumps(cfg, indent=1))
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", BENCH_ZERO=str(Path(args.zero).resolve()))
-    if not args.gpu:
-        env.update(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    from dsunlearn.engine import _free_port
-    cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(_free_port()), __file__,
-           "--worker", "--config", str(cfg_path), "--out", str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    if p.returncode != 0:
-        sys.exit(f"{label} run failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    marks = {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(args.ranks)}
+    from bench_reference_memory import launch_workers
+    marks = launch_workers(__file__, cfg_path, out, args.ranks, label, gpu=args.gpu,
+                           extra_env={"BENCH_ZERO": str(Path(args.zero).resolve())})
     steps = [json.loads(line)["step_seconds"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     shutil.rmtree(work / "runs", ignore_errors=True)
     return {"label": label, "peak_kib": max(m["end"]["VmHWM"] for m in marks.values()),

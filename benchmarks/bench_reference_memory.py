@@ -97,6 +97,27 @@ def build_world(root: Path, hidden: int, layers: int, vocab: int, seq_len: int, 
     return paths
 
 
+def launch_workers(script: str, cfg_path: Path, out: Path, ranks: int, label: str, gpu: bool = False,
+                   extra_env: dict | None = None) -> dict:
+    """``deepspeed --num_gpus RANKS SCRIPT --worker --config CFG --out OUT`` in fresh processes (CPU ranks over gloo
+    unless ``gpu``); returns every rank's marks (``OUT/rank<r>.json``), or exits with the run's output."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                                            str(REPO / ".torch_extensions")),
+               **(extra_env or {}))
+    if not gpu:
+        env.update(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    from dsunlearn.engine import _free_port
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), script,
+           "--worker", "--config", str(cfg_path), "--out", str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    if p.returncode != 0:
+        sys.exit(f"{label} run failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)}
+
+
 def run_mode(mode: str, world: dict, work: Path, args) -> dict:
     run_dir = work / "runs" / mode
     shutil.rmtree(work / "runs", ignore_errors=True)  # the cache too: cache mode builds it inside the measured run
@@ -111,18 +132,7 @@ def run_mode(mode: str, world: dict, work: Path, args) -> dict:
            "eval": {"splits": []}, "output": {"run_dir": str(run_dir), "save_model": False}}
     cfg_path = work / f"{mode}.json"
     cfg_path.write_text(json.dumps(cfg, indent=1))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                                            str(REPO / ".torch_extensions")))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    from dsunlearn.engine import _free_port
-    cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(_free_port()), __file__,
-           "--worker", "--config", str(cfg_path), "--out", str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    if p.returncode != 0:
-        sys.exit(f"{mode} run failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    marks = {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(args.ranks)}
+    marks = launch_workers(__file__, cfg_path, out, args.ranks, mode)
     shutil.rmtree(work / "runs", ignore_errors=True)  # checkpoints of a 3-step run: hundreds of MB, never reused
     return marks
 

@@ -167,6 +167,7 @@ def cmd_eval(args) -> int:
 def cmd_audit(args) -> int:
     from .config import AUDITS
     from .eval.audit import run_audit_command
+    from .eval.report import audit_status
     audits = tuple(a for a in args.audits.split(",") if a)
     if not audits or set(audits) - set(AUDITS):
         raise ConfigError(f"--audits {args.audits}: expected a comma-separated list from {', '.join(AUDITS)}")
@@ -177,7 +178,7 @@ def cmd_audit(args) -> int:
         result = metrics["audits"]
         for name in AUDITS:
             if name in result:
-                print(f"{name}: {'FAILED' if result[name]['failed'] else 'passed'}: {result[name]['finding']}")
+                print(f"{name}: {audit_status(result[name])}: {result[name]['finding']}")
         print(f"report: {Path(args.out) / 'report.md'}")
     return 1 if metrics["audits"]["failures"] else 0
 

@@ -98,10 +98,11 @@ def main(argv=None) -> int:
             print(f"{label:<16}" + "".join(f"{v:>{w}}" for v, w in zip(row, (9, 9, 11))))
         print(f"steps: {metrics['steps']} ({metrics['stop_reason'] or 'all planned steps'})")
         print(f"verdict: {metrics['verdict']}")
+        from ..eval.report import audit_status
         audits = metrics.get("audits") or {}
         for name in ("relearn", "quantize"):
             if name in audits:
-                print(f"{name} audit: {'FAILED' if audits[name]['failed'] else 'passed'}: {audits[name]['finding']}")
+                print(f"{name} audit: {audit_status(audits[name])}: {audits[name]['finding']}")
         for w in warnings:
             print(f"warning: {w}")
         print(f"report: {(run_dir / 'report.md').resolve()}")

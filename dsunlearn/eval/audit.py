@@ -158,7 +158,7 @@ def quantize_audit(cfg: RunConfig, ds_config: dict, splits: dict, pad_id: int, m
     return {"bits": list(cfg.audit.quantize_bits), "group_size": cfg.audit.quantize_group_size,
             "scheme": "torchao IntxWeightOnlyConfig: round-to-nearest, symmetric, per group, weight-only, every "
                       "linear layer",
-            "rows": rows, "failed": bool(resurfaced), "finding": finding,
+            "rows": rows, "failed": bool(resurfaced), "applicable": not full["detectable"], "finding": finding,
             "model": {w: compact(r) for w, r in model.items()},
             "twin": {w: compact(r) for w, r in twin.items()} if twin else None}
 

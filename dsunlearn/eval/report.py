@@ -146,6 +146,14 @@ def cost_section(cost: dict) -> list[str]:
     return lines + [""]
 
 
+def audit_status(result: dict) -> str:
+    """"FAILED", "passed", or "not applicable" (the quantization audit of a forget set that attacks already detect at
+    full precision: there is nothing for quantization to bring back)."""
+    if result.get("failed"):
+        return "FAILED"
+    return "passed" if result.get("applicable", True) else "not applicable"
+
+
 def audit_failures(audits: Optional[dict]) -> list[str]:
     """One line per failed audit (the report's first lines)."""
     if not audits:
@@ -160,7 +168,7 @@ def audit_section(audits: dict, run_dir: Path) -> list[str]:
     r = audits.get("relearn")
     if r:
         twin = r["baseline"] == "twin"
-        lines += [f"### Relearning: {'FAILED' if r['failed'] else 'passed'}", "",
+        lines += [f"### Relearning: {audit_status(r)}", "",
                   f"- fine-tune: {r['steps']} steps, {r['batch_size']} chunks per step, lr {r['lr']:g}, on {r['data']}",
                   f"- {r['finding']}",
                   f"- after the fine-tune: held-out forget loss {r['final']['model_forget_loss']:.3f}, strongest AUC "
@@ -173,7 +181,7 @@ def audit_section(audits: dict, run_dir: Path) -> list[str]:
     q = audits.get("quantize")
     if q:
         has_twin = q["twin"] is not None
-        lines += [f"### Quantization: {'FAILED' if q['failed'] else 'passed'}", "", f"- {q['scheme']}, group size "
+        lines += [f"### Quantization: {audit_status(q)}", "", f"- {q['scheme']}, group size "
                   f"{q['group_size']}", f"- {q['finding']}", "",
                   "| weights | forget loss | Δ | strongest AUC | Δ | unseen-like ≤ |" +
                   (" twin forget loss | Δ | twin strongest AUC | Δ |" if has_twin else ""),
