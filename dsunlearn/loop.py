@@ -163,8 +163,10 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     logger = RunLogger(run_dir, p.num_steps, state.step, E.is_main(), desc="pretrain" if pretraining else "unlearn")
     evaluator = None
     if not pretraining and p.eval_streams:
+        later_request = chain is not None and len(chain["requests"]) > 1
         evaluator = Evaluator(cfg, run.engine, p.tokenizer, logger, p.ds_config, run_dir, p.eval_streams,
-                              resume_step=state.step if resume else None)
+                              resume_step=state.step if resume else None,
+                              original_model=chain["original"]["path"] if later_request else None)
         if not resume:
             evaluator.evaluate(0, label="before")
     try:

@@ -102,7 +102,10 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
              f"- stop: {metrics.get('stop_reason') or 'planned number of steps reached'}",
              f"- **verdict: {metrics.get('verdict')}**{caveat}",
              f"- distance to retraining: {distance_line(metrics.get('distance_to_retraining') or {})}",
-             f"- target forget loss: {_fmt(metrics.get('after', {}).get('target'))} ({metrics.get('stop_target')})", "",
+             f"- target forget loss: {_fmt(metrics.get('after', {}).get('target'))} ({metrics.get('stop_target')})",
+             *(["- a later removal request: the target and utility are measured against the chain's original model "
+                f"(`{metrics['chain']['original']['path']}`), not the previous request's result"]
+               if metrics.get("original") and metrics.get("chain") else []), "",
              "## Losses (mean token NLL) and top-1 accuracy", "",
              "`after` = the exported weights; `retrained` = the exactly retrained twin (when given). "
              "Forgotten means: forget loss at the target, no attack beyond the twin's level (or chance), retain and "

@@ -119,9 +119,11 @@ def evaluate_model(model_engine, splits: dict[str, EvalSplit], cfg: RunConfig, p
     return result
 
 
-def target_loss(cfg: RunConfig, result: dict, before: Optional[dict], retrained: Optional[dict]) -> Optional[float]:
-    """The forget loss at which "the forget set looks unseen" (eval.stop_target)."""
-    source = {"original_approximate": (before, NONMEMBER_SPLIT), "current_approximate": (result, NONMEMBER_SPLIT),
+def target_loss(cfg: RunConfig, result: dict, before: Optional[dict], retrained: Optional[dict],
+                original: Optional[dict] = None) -> Optional[float]:
+    """The forget loss at which "the forget set looks unseen" (eval.stop_target). "original_approximate" reads
+    ``original`` when given (a later removal request: the chain's original model), else ``before``."""
+    source = {"original_approximate": (original or before, NONMEMBER_SPLIT), "current_approximate": (result, NONMEMBER_SPLIT),
               "retrained_forget": (retrained, MEMBER_SPLIT)}[cfg.eval.stop_target]
     model_result, split = source
     if model_result is None or split not in model_result["splits"]:
@@ -190,7 +192,8 @@ class Evaluator:
     """
 
     def __init__(self, cfg: RunConfig, engine, tokenizer, logger, ds_config: dict, run_dir: str, streams: dict,
-                 track_best: bool = True, resume_step: Optional[int] = None, standalone: bool = False):
+                 track_best: bool = True, resume_step: Optional[int] = None, standalone: bool = False,
+                 original_model: Optional[str] = None):
         self.cfg, self.engine, self.tokenizer, self.logger = cfg, engine, tokenizer, logger
         self.run_dir = Path(run_dir)
         self.pad_id = tokenizer.pad_token_id
@@ -211,6 +214,13 @@ class Evaluator:
             self.retrained["distance"] = distance_to_retraining(self.retrained, self.retrained)  # PrivLeak 0: the scale
             # The retrained model's per-chunk loss calibrates the reference-model attack on the trained one.
             self.ref_nll = {n: torch.tensor(v, dtype=torch.float64) for n, v in self.retrained["chunk_loss"].items()}
+            del frozen
+        # A later removal request (chain.py): the chain's original model is the reference for the target and for
+        # utility, so a chain cannot drift away from it one tolerated step at a time.
+        self.original = None
+        if original_model:
+            frozen, _handle = load_frozen(cfg, ds_config, original_model)
+            self.original = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=False)
             del frozen
         if resume_step is not None:
             self._load_state(resume_step)
@@ -260,7 +270,7 @@ class Evaluator:
         if self.before is None:
             self.before = result
             self.split_check = self._check_split(result)
-        target = target_loss(self.cfg, result, self.before, self.retrained)
+        target = target_loss(self.cfg, result, self.before, self.retrained, self.original)
         if target is not None and MEMBER_SPLIT in result["splits"]:
             result["target"] = target
             result["target_gap"] = result["splits"][MEMBER_SPLIT]["loss"] - target
@@ -286,7 +296,7 @@ class Evaluator:
         before = None if self.standalone else self.before
         return judge(result, before, self.retrained, stop_tolerance=e.stop_tolerance,
                      utility_tolerance=e.utility_tolerance, auc_band=e.auc_band,
-                     split_check=None if self.standalone else self.split_check)
+                     split_check=None if self.standalone else self.split_check, original=self.original)
 
     def conclude(self, state) -> None:
         """The final evaluation, unless the last one was of the final weights."""
@@ -313,6 +323,7 @@ class Evaluator:
             "before": compact(self.before),
             "after": compact(after["result"]),
             "retrained": compact(self.retrained) if self.retrained else None,
+            "original": compact(self.original) if self.original else None,
             "split_check": {k: v for k, v in self.split_check.items() if k != "markdown"} if self.split_check else None,
             "history": self.history,
             "audits": None,

@@ -14,7 +14,7 @@ An evaluation is judged on three criteria, each with a default the user can chan
    below the reference level minus the band means the forget set now stands out as *harder* than unseen text
    (over-unlearned; the "Streisand effect").
 3. **Utility kept**: retain and approximate loss at most ``eval.utility_tolerance`` (relative, default 3%) above the
-   original model's.
+   original model's (in a chain of removal requests, the chain's original, not the previous request's result).
 
 Distance to retraining, as the field reports it (next to the AUCs, not part of the criteria):
 - PrivLeak (MUSE, Shi et al. 2024, arXiv:2407.06460): ``(AUC_unlearned - AUC_retrained) / AUC_retrained`` for the
@@ -115,9 +115,11 @@ def distance_to_retraining(result: dict, twin: Optional[dict]) -> dict:
 
 
 def judge(result: dict, before: Optional[dict], twin: Optional[dict], *, stop_tolerance: float,
-          utility_tolerance: float, auc_band: Optional[float], split_check: Optional[dict] = None) -> dict:
-    """The judgement of one evaluation (``result``, with ``target`` set) against the original (``before``) and the
-    retrained twin (``twin``, optional). Returns ``status`` (one of the four words above), ``ok`` (forgotten),
+          utility_tolerance: float, auc_band: Optional[float], split_check: Optional[dict] = None,
+          original: Optional[dict] = None) -> dict:
+    """The judgement of one evaluation (``result``, with ``target`` set) against the state before unlearning
+    (``before``) and the retrained twin (``twin``, optional). Utility is measured against ``original`` when given (a
+    later removal request: the chain's original model, so damage cannot accumulate unjudged), else ``before``. Returns ``status`` (one of the four words above), ``ok`` (forgotten),
     ``reasons`` (one line each, with numbers), the figures behind them, and ``distance`` (0 when every criterion
     holds, else how far off, in comparable units: nats of forget shortfall, relative utility excess, AUC excess), which
     orders evaluations for the exported step.
@@ -160,10 +162,11 @@ def judge(result: dict, before: Optional[dict], twin: Optional[dict], *, stop_to
             excess += (ref_low - auc_band) - weak_auc
             over.append(f"{attack_name(weak)} ranks forget chunks as harder than unseen text: AUC {weak_auc:.3f}, "
                         f"unseen-like is >= {ref_low - auc_band:.3f}")
-    if before is not None:
+    base = original or before
+    if base is not None:
         for name in UTILITY_SPLITS:
-            if name in splits and name in before["splits"]:
-                was, now = before["splits"][name]["loss"], splits[name]["loss"]
+            if name in splits and name in base["splits"]:
+                was, now = base["splits"][name]["loss"], splits[name]["loss"]
                 rise = (now - was) / was
                 figures[f"{name}_rise"] = rise
                 if rise > utility_tolerance:

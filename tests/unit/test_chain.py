@@ -137,3 +137,30 @@ def test_a_killed_request_resumes_and_keeps_its_chain(chain, toy_world, tmp_path
     assert resumed["requests"][1]["result_model"]["sha256"] == json.loads(
         (chain["root"] / "r2" / "chain.json").read_text())["requests"][1]["result_model"]["sha256"]
     assert "forget@1" in json.loads((run_dir / "metrics.json").read_text())["after"]["splits"]
+
+
+def test_a_later_request_is_judged_against_the_chain_original(chain):
+    """Target and utility of request 2 come from the original model (request 1's "before"), not from request 1's
+    result: a chain cannot drift one tolerated step at a time."""
+    r1 = json.loads((chain["root"] / "r1" / "metrics.json").read_text())
+    r2 = json.loads((chain["root"] / "r2" / "metrics.json").read_text())
+    original = r1["before"]["splits"]
+    assert r1["original"] is None and r2["original"] is not None
+    for split in ("retain", "approximate"):
+        assert r2["original"]["splits"][split]["loss"] == pytest.approx(original[split]["loss"], rel=1e-6)
+    assert r2["after"]["target"] == pytest.approx(original["approximate"]["loss"], rel=1e-6)
+    assert r2["after"]["target"] != pytest.approx(r2["before"]["splits"]["approximate"]["loss"], rel=1e-6)
+    assert "measured against the chain's original model" in (chain["root"] / "r2" / "report.md").read_text()
+
+
+def test_utility_is_judged_against_the_original_when_given():
+    from dsunlearn.eval.verdict import judge
+    split = lambda loss: {"loss": loss, "num_chunks": 50}  # noqa: E731
+    original = {"splits": {"forget": split(2.0), "retain": split(3.0), "approximate": split(3.0)}}
+    before = {"splits": {"forget": split(3.5), "retain": split(3.4), "approximate": split(3.4)}}  # request 1's result
+    now = {"splits": {"forget": split(4.0), "retain": split(3.45), "approximate": split(3.45)}, "target": 3.9}
+    kwargs = dict(stop_tolerance=0.1, utility_tolerance=0.03, auc_band=None)
+    alone = judge(now, before, None, **kwargs)
+    assert alone["ok"] and alone["figures"]["retain_rise"] == pytest.approx(0.05 / 3.4)
+    chained = judge(now, before, None, original=original, **kwargs)
+    assert chained["status"] == "over-unlearned" and chained["figures"]["retain_rise"] == pytest.approx(0.15)
