@@ -140,11 +140,11 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     started = time.time()
     E.init_distributed()
     run_dir = cfg.output.run_dir
-    chain = None
-    if method is None:  # unlearning (not pretraining) records its chain of removal requests
-        chain = C.recorded_chain(Path(run_dir)) if resume else None
-        if not resume:
-            cfg, chain = C.plan_request(cfg, after)
+    chain = None  # unlearning (not pretraining) records its chain of removal requests
+    if method is None and resume:
+        chain = C.recorded_chain(Path(run_dir))
+    elif method is None:
+        cfg, chain = C.plan_request(cfg, after)
     earlier = C.earlier_forget_sets(chain) if chain else {}
     # Everything checkable, before the run dir is touched.
     p = prepare(cfg, zero_path, E.world_size(), method=method, earlier=earlier)

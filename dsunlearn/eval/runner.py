@@ -24,8 +24,8 @@ from ..prepare import prepare, with_model
 from ..rundir import RunLogger, RunState
 from .metrics import chunk_stats, concat_stats, split_metrics
 from .mia import attack_report
-from .verdict import (MEMBER_SPLIT, NONMEMBER_SPLIT, distance_to_retraining, forget_shortfall, judge,
-                      verdict_line)
+from .verdict import (MEMBER_SPLIT, NONMEMBER_SPLIT, REFERENCE_ATTACK, distance_to_retraining, extreme_attacks,
+                      forget_shortfall, judge, verdict_line)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,12 @@ def score_split(model_engine, split: EvalSplit, seq_len: int, pad_id: int, micro
     return {k: v[inverse] for k, v in full.items()}
 
 
+def attack_reports(members: dict, nonmembers: dict, exclude: tuple = ()) -> dict:
+    """Every membership score's attack report (``mia_<name>`` per-chunk scores of both sets), by attack name."""
+    return {key[4:]: attack_report(members[key].numpy(), nonmembers[key].numpy())
+            for key in sorted(k for k in members if k.startswith("mia_") and k[4:] not in exclude)}
+
+
 def evaluate_model(model_engine, splits: dict[str, EvalSplit], cfg: RunConfig, pad_id: int, mia: bool = True,
                    ref_nll: Optional[dict] = None) -> dict:
     """Metrics of every split, membership attacks (forget = members, approximate = non-members), per-chunk losses."""
@@ -99,17 +105,15 @@ def evaluate_model(model_engine, splits: dict[str, EvalSplit], cfg: RunConfig, p
         result["splits"][name] = split_metrics(stats[name])
         result["chunk_loss"][name] = (-stats[name]["mia_loss"]).tolist()
     if mia and MEMBER_SPLIT in stats and NONMEMBER_SPLIT in stats:
-        attacks = {}
-        for key in sorted(k for k in stats[MEMBER_SPLIT] if k.startswith("mia_")):
-            attacks[key[4:]] = attack_report(stats[MEMBER_SPLIT][key].numpy(), stats[NONMEMBER_SPLIT][key].numpy())
-        result["mia"] = attacks
+        result["mia"] = attack_reports(stats[MEMBER_SPLIT], stats[NONMEMBER_SPLIT])
     if mia and NONMEMBER_SPLIT in stats:  # every earlier request's forget set against the same unseen text
         earlier = {}
         for name in sorted(n for n in stats if n.startswith(EARLIER_PREFIX)):
-            aucs = {key[4:]: attack_report(stats[name][key].numpy(), stats[NONMEMBER_SPLIT][key].numpy())["auc"]
-                    for key in sorted(k for k in stats[name] if k.startswith("mia_") and k != "mia_ref")}
-            strongest = max(aucs, key=lambda k: (aucs[k], k))
-            earlier[name] = {"aucs": aucs, "strongest_attack": strongest, "strongest_auc": aucs[strongest]}
+            # No reference attack: it is calibrated on the current forget set's chunks only.
+            reports = attack_reports(stats[name], stats[NONMEMBER_SPLIT], exclude=(REFERENCE_ATTACK,))
+            (strongest, auc), _ = extreme_attacks(reports)
+            earlier[name] = {"aucs": {k: v["auc"] for k, v in reports.items()}, "strongest_attack": strongest,
+                             "strongest_auc": auc}
         if earlier:
             result["earlier"] = earlier
     if MEMBER_SPLIT in result["splits"] and NONMEMBER_SPLIT in result["splits"]:
@@ -123,7 +127,8 @@ def target_loss(cfg: RunConfig, result: dict, before: Optional[dict], retrained:
                 original: Optional[dict] = None) -> Optional[float]:
     """The forget loss at which "the forget set looks unseen" (eval.stop_target). "original_approximate" reads
     ``original`` when given (a later removal request: the chain's original model), else ``before``."""
-    source = {"original_approximate": (original or before, NONMEMBER_SPLIT), "current_approximate": (result, NONMEMBER_SPLIT),
+    source = {"original_approximate": (original or before, NONMEMBER_SPLIT),
+              "current_approximate": (result, NONMEMBER_SPLIT),
               "retrained_forget": (retrained, MEMBER_SPLIT)}[cfg.eval.stop_target]
     model_result, split = source
     if model_result is None or split not in model_result["splits"]:

@@ -119,10 +119,10 @@ def judge(result: dict, before: Optional[dict], twin: Optional[dict], *, stop_to
           original: Optional[dict] = None) -> dict:
     """The judgement of one evaluation (``result``, with ``target`` set) against the state before unlearning
     (``before``) and the retrained twin (``twin``, optional). Utility is measured against ``original`` when given (a
-    later removal request: the chain's original model, so damage cannot accumulate unjudged), else ``before``. Returns ``status`` (one of the four words above), ``ok`` (forgotten),
-    ``reasons`` (one line each, with numbers), the figures behind them, and ``distance`` (0 when every criterion
-    holds, else how far off, in comparable units: nats of forget shortfall, relative utility excess, AUC excess), which
-    orders evaluations for the exported step.
+    later removal request: the chain's original model, so damage cannot accumulate unjudged), else ``before``.
+    Returns ``status`` (one of the four words above), ``ok`` (forgotten), ``reasons`` (one line each, with numbers),
+    the figures behind them, and ``distance`` (0 when every criterion holds, else how far off, in comparable units:
+    nats of forget shortfall, relative utility excess, AUC excess), which orders evaluations for the exported step.
     """
     out: dict = {"status": CANNOT_JUDGE, "ok": False, "reasons": [], "distance": math.inf}
     target = result.get("target")

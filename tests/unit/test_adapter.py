@@ -79,8 +79,8 @@ def test_merged_state_dict_equals_the_adapted_model():
 
 @pytest.mark.parametrize("name", list(STEP_CASES))
 def test_every_method_steps_with_an_adapter_and_adapters_off_reference(world, tmp_path, name):
-    """Three LoRA steps raise the forget NLL (RMU: move the activations); only adapter weights move; theta_0 comes from the adapters switched
-    off, and equals the original model's outputs bit for bit after the steps."""
+    """Three LoRA steps raise the forget NLL (RMU: move the activations); only adapter weights move; theta_0 comes from
+    the adapters switched off, and equals the original model's outputs bit for bit after the steps."""
     params = STEP_CASES[name]
     cfg = from_dict(RunConfig, {
         "model": {"path": world["model"]},
