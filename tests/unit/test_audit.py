@@ -194,4 +194,21 @@ def test_unlearn_runs_the_audits_on_its_exported_model(toy_world, tmp_path):
     assert [row["bits"] for row in audits["quantize"]["rows"]] == ["full", "4"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Audits" in report and (tmp_path / "run" / "plots" / "relearn.png").is_file()
+    head = "\n".join(report.splitlines()[:2 + len(audits["failures"])])
+    assert all(line in head for line in audits["failures"])  # a failed audit comes first, before the verdict
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["errors"] == []
+
+
+def test_a_failed_audit_leads_the_report_even_when_the_verdict_says_forgotten(audited, tmp_path):
+    from dsunlearn.eval.report import write_report
+    audits = json.loads(json.dumps(audited["metrics"]["audits"]))
+    audits["relearn"]["failed"], audits["quantize"]["failed"] = True, False
+    audits["failures"] = [f"the relearn audit fails: {audits['relearn']['finding']}"]
+    metrics = {"method": "ga", "model": "m", "steps": 3, "exported_step": 3, "stop_reason": None,
+               "verdict": "forgotten: every criterion holds", "judgement": {"ok": True}, "distance_to_retraining": {},
+               "after": {}, "stop_target": "original_approximate", "history": [], "audits": audits}
+    after = {"splits": {"forget": {"loss": 5.0, "accuracy": 0.1}}, "chunk_loss": {}}
+    lines = write_report(tmp_path, metrics, after, None, None).read_text().splitlines()
+    assert lines[2] == f"- **{audits['failures'][0]}** (the verdict below says forgotten; it did not last)"
+    assert any(line.startswith("- **verdict: forgotten") for line in lines[3:8])
+    assert "### Relearning: FAILED" in lines and "### Quantization: passed" in lines
