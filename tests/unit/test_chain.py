@@ -164,3 +164,16 @@ def test_utility_is_judged_against_the_original_when_given():
     assert alone["ok"] and alone["figures"]["retain_rise"] == pytest.approx(0.05 / 3.4)
     chained = judge(now, before, None, original=original, **kwargs)
     assert chained["status"] == "over-unlearned" and chained["figures"]["retain_rise"] == pytest.approx(0.15)
+
+
+def test_dry_run_after_plans_the_request_and_writes_nothing(chain, toy_world, tmp_path, capsys):
+    cfg = write_run_config(tmp_path / "r.json", toy_world, tmp_path / "r3", data={"forget": chain["forget"][0]})
+    capsys.readouterr()
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3, "--after", str(chain["root"] / "r2"),
+                 "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["run_config"]["model"]["path"] == str(chain["root"] / "r2" / "model")
+    assert [r["index"] for r in plan["chain"]["requests"]] == [1, 2, 3]
+    assert not (tmp_path / "r3").exists()
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3, "--after", str(chain["root"] / "r2"),
+                 "--resume", str(chain["root"] / "r2")]) == 2  # a resumed run already knows its chain
