@@ -95,11 +95,6 @@ def adapters_disabled(model: torch.nn.Module):
     return (inner if isinstance(inner, torch.nn.Module) else model).disable_adapter()
 
 
-def adapter_parameter_count(model: torch.nn.Module) -> int:
-    """Parameters of the adapters (ZeRO-3 partitioned parameters counted whole)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters() if ".lora_" in n)
-
-
 def _fan_in_fan_out(model: torch.nn.Module) -> set[str]:
     """Adapted layers whose weight is stored [in, out] (GPT-2's Conv1D), by state-dict prefix."""
     return {f"{name}." for name, module in model.named_modules()
@@ -128,8 +123,3 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Modul
             value = (value.float() + delta).to(value.dtype)
         out[key.replace(".base_layer.", ".")] = value
     return {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in out.items()}
-
-
-def adapter_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The adapters alone, named as peft's ``save_pretrained`` names them (no adapter name in the key)."""
-    return {k.replace(f".{ADAPTER_NAME}.", "."): v for k, v in state_dict.items() if ".lora_" in k}

@@ -137,7 +137,7 @@ class ModelShape:
             raise ValueError(f"{type(model).__name__} has no .config; build the shape with ModelShape(...) directly")
         counts = count_parameters(model)
         shape = cls._from_config(config, counts["total"], counts["embedding"])
-        adapter = sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters() if ".lora_" in n)
+        adapter = sum(_numel(p) for n, p in model.named_parameters() if ".lora_" in n)
         return dataclasses.replace(shape, num_adapter_params=adapter) if adapter else shape
 
     @classmethod

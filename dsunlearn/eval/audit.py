@@ -270,17 +270,19 @@ def relearn_audit(p: Prepared, model_dir: str, twin_dir: Optional[str], original
         data = f"{a.relearn_data} ({len(rows)} chunks); measured on the whole forget set"
     splits = {MEMBER_SPLIT: eval_split(MEMBER_SPLIT, held_chunks, cfg, tok),
               NONMEMBER_SPLIT: eval_split(NONMEMBER_SPLIT, p.eval_streams[NONMEMBER_SPLIT].chunks, cfg, tok)}
-    frozen, handle = load_frozen(cfg, p.ds_config, original_dir)
-    original = curve_point(0, evaluate_model(frozen, splits, cfg, pad_id), None)
-    frozen = handle = None
-    E.release_engines()
-
     rcfg = relearn_config(cfg, p.world_size)
     rds = relearn_ds_config(p.ds_config, rcfg.train.micro_batch_size, p.world_size)
     model = relearn_curve(rcfg, rds, model_dir, p.relearn_stream, rows, splits, pad_id)
     # The baseline: the twin on the held-out forget documents, or (no twin) the original model on unseen text.
     baseline_dir, baseline_split = (twin_dir, MEMBER_SPLIT) if twin_dir else (original_dir, NONMEMBER_SPLIT)
     baseline = relearn_curve(rcfg, rds, baseline_dir, p.relearn_stream, rows, splits, pad_id)
+    if twin_dir:
+        frozen, handle = load_frozen(cfg, p.ds_config, original_dir)
+        original = curve_point(0, evaluate_model(frozen, splits, cfg, pad_id), None)
+        frozen = handle = None
+        E.release_engines()
+    else:  # the baseline is the original: its curve's first point (before the fine-tune) is the original scored
+        original = baseline["points"][0]
     threshold, model_steps, baseline_steps, failed = relearn_outcome(
         [q["losses"][MEMBER_SPLIT] for q in model["points"]], [q["losses"][baseline_split] for q in baseline["points"]],
         original["losses"][MEMBER_SPLIT], a.relearn_within)
