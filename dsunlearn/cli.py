@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from .config import ConfigError, load_run_config, describe, to_dict
 from .logs import setup_logging
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="resolve and validate both configs, the model directory and the data; print them; no training")
     p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)")
+    p.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="with --dry-run: memory of one device (e.g. 80GB); says whether the job fits and, if not, the "
+                        "first knob to turn; exit code 1 when it does not fit")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty run directory")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--after", metavar="RUN_DIR", help="a removal request after an earlier one: start from RUN_DIR's "
@@ -132,7 +136,10 @@ def cmd_unlearn(args) -> int:
         raise ConfigError("--after and --resume: a resumed run already knows its chain; give only --resume RUN_DIR")
     cfg, zero_path = _load_configs(args)
     if args.dry_run:
-        return dry_run(cfg, zero_path, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.after)
+        return dry_run(cfg, zero_path, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.after,
+                       args.device_memory)
+    if args.device_memory:
+        raise ConfigError("--device-memory plans a launch: use it with --dry-run")
     code = loop.unlearn(cfg, zero_path, overwrite=args.overwrite, resume=bool(args.resume), after=args.after)
     from . import engine as E
     if E.is_main():
@@ -142,15 +149,21 @@ def cmd_unlearn(args) -> int:
     return code
 
 
-def dry_run(cfg, zero_path: str, world_size: int, after=None) -> int:
-    """Everything a launch checks before it starts (``prepare``), without a process group or any weights."""
+def dry_run(cfg, zero_path: str, world_size: int, after=None, device_memory: Optional[str] = None) -> int:
+    """Everything a launch checks before it starts (``prepare``), without a process group or any weights, and the
+    per-device memory plan (``memory.py``): JSON on stdout, the plan as a table on stderr. Exit code 1 when
+    ``device_memory`` is given and the plan does not fit."""
     from .chain import earlier_forget_sets, plan_request
+    from .memory import parse_memory, plan_memory, plan_table
     from .prepare import prepare
+    budget = parse_memory(device_memory) if device_memory else None
     cfg, chain = plan_request(cfg, after)
     p = prepare(cfg, zero_path, world_size, earlier=earlier_forget_sets(chain))
+    plan = plan_memory(p, budget)
     print(json.dumps({"run_config": to_dict(cfg), "zero_config": p.ds_config, "world_size": world_size,
-                      "num_steps": p.num_steps, "chain": chain}, indent=2))
-    return 0
+                      "num_steps": p.num_steps, "chain": chain, "memory_plan": plan}, indent=2))
+    print(plan_table(plan), file=sys.stderr)
+    return 1 if budget is not None and not plan["fits"] else 0
 
 
 def cmd_eval(args) -> int:

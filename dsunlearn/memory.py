@@ -1,0 +1,518 @@
+"""Will it fit? A per-device memory plan before launch: ``dsunlearn unlearn --dry-run [--device-memory 80GB]``.
+
+A run peaks in one of three phases, each planned on its own; the plan's peak is the largest:
+
+- ``engine``: building the trained engine. Weights, gradient partitions and the fp32 master copy exist (Adam's
+  moments appear at the first step), plus one transient copy of the weight partition (DeepSpeed defragments the
+  partitions into one flat buffer).
+- ``reference``: building theta_0. Mode "engine": its frozen weight partition plus the loading transient (the state
+  dict read while the partitions are filled). Mode "cache" (and precomputed labels): a no-grad pass of the trained
+  engine at the method's batch size. Mode "adapters_off": nothing.
+- ``train``: every model state (Adam's moments now too), theta_0's weights when it is an engine, ZeRO-3's gathered
+  parameters, and the micro-step's transient memory: activations, logits, the loss terms' temporaries and their
+  gradients (theta_0's no-grad forward included when it runs each micro-step).
+
+Where the numbers come from:
+
+- Model states: DeepSpeed's own estimators (``estimate_zero3_model_states_mem_needs``,
+  ``estimate_zero2_model_states_mem_needs``) for the trained parameters, with their offload flags. They assume 16-bit
+  weights: per parameter 2 bytes of weights + 16 bytes of gradients, fp32 master weights and Adam moments, plus 4 bytes
+  per parameter of the largest layer (gathered weights and gradients). With an fp32 ZeRO JSON DeepSpeed still keeps a
+  separate fp32 master partition (measured: ``benchmarks/bench_memory_plan.py``), so the weights cost 4 bytes and the
+  gradients 4: 2 more bytes per parameter, and 8 per parameter of the largest layer. Frozen parameters (LoRA's base,
+  RMU's untouched layers) only hold their weight partition. Plus ZeRO's reduce bucket (``reduce_bucket_size``).
+- ZeRO-3 keeps gathered weights alive up to ``stage3_max_live_parameters`` (and prefetches
+  ``stage3_prefetch_bucket_size``): the plan counts ``min(all parameters, max_live + prefetch)`` gathered weights
+  beyond the largest layer already in the estimator's term.
+- Transient memory: one real micro-step of this run (the loop's fused forward, the method's terms, the backward) on
+  fake tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no storage) under PyTorch's ``MemTracker``,
+  which follows every tensor's life. Parameter gradients are dropped as soon as they are accumulated, as ZeRO's reduce
+  hooks do. The fake tensors run the CPU kernels' choices (attention: PyTorch's fused SDPA on CPU, which keeps the same
+  tensors for the backward as the CUDA flash kernel).
+
+What the plan leaves out: the CUDA context and NCCL buffers (hundreds of MiB on a GPU, not tensors) and allocator
+fragmentation. ``--device-memory`` therefore keeps ``HEADROOM`` of the device free. On CPU the measured comparison
+(``benchmarks/RESULTS.md``) is resident memory above the process's baseline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import ConfigError
+from .zero import precision, zero_stage
+
+HEADROOM = 0.10
+"""Share of the device the plan keeps free for what it does not count (CUDA context, NCCL, fragmentation)."""
+
+GIB = 2**30
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+          "G": GIB, "GB": GIB, "GIB": GIB, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+
+
+def parse_memory(text: str, source: str = "--device-memory") -> int:
+    """``"80GB"``, ``"80GiB"``, ``"141G"``, ``"24000MiB"`` or a number of bytes. GB and GiB both mean 2**30 bytes: a
+    GPU sold as "80GB" has 80 GiB."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text or "")
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"{source} {text!r}: expected a size such as 80GB, 80GiB or 24000MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def fmt(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model states (DeepSpeed's estimators)
+
+@dataclass(frozen=True)
+class ModelCounts:
+    total: int
+    """Every parameter (tied matrices once), LoRA adapters included."""
+    trainable: int
+    largest_layer: int
+    """Parameters of the module with the most direct parameters (DeepSpeed's ``largest_layer_params``)."""
+
+
+def count_parameters(model: torch.nn.Module) -> ModelCounts:
+    """Counts of a (meta) model as it will be trained (adapters applied, frozen parameters marked)."""
+    seen, trainable = {}, 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen[id(p)] = p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    return ModelCounts(total=sum(seen.values()), trainable=trainable, largest_layer=largest)
+
+
+def _offload(zero: dict, key: str) -> bool:
+    return str(zero.get(key, {}).get("device", "none")).lower() in ("cpu", "nvme")
+
+
+def model_states(counts: ModelCounts, ds_config: dict, world_size: int) -> dict[str, int]:
+    """Per-device bytes of the trained engine's model states, by DeepSpeed's estimators (see the module docstring):
+    ``weights``, ``gradients``, ``optimizer`` (master weights and Adam's moments), ``gathered_layer`` (DeepSpeed's
+    largest-layer term), ``buckets``, and ``total``."""
+    stage, dtype = zero_stage(ds_config), precision(ds_config)
+    zero = ds_config.get("zero_optimization", {})
+    offload_optimizer, offload_params = _offload(zero, "offload_optimizer"), _offload(zero, "offload_param")
+    n, nt, frozen = counts.total, counts.trainable, counts.total - counts.trainable
+    fp32 = dtype == "fp32"
+    width = 4 if fp32 else 2
+    grad_width = 4 if fp32 or ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32" else 2
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        _, total, layer = estimate_zero3_model_states_mem_needs(
+            nt, counts.largest_layer, num_gpus_per_node=world_size, num_nodes=1, cpu_offload=offload_optimizer,
+            cpu_offload_params=offload_params, zero_init=True)
+        shards = world_size
+        trained_on_device = 0 if offload_params else nt // shards
+        frozen_on_device = 0 if offload_params else frozen // shards
+    else:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+        shards = world_size if stage > 0 else 1
+        offload_optimizer = offload_optimizer and stage > 0
+        _, total = estimate_zero2_model_states_mem_needs(nt, num_gpus_per_node=shards, num_nodes=1,
+                                                         cpu_offload=offload_optimizer)
+        layer, trained_on_device, frozen_on_device = 0, nt, frozen
+    if fp32:
+        # The estimators count 2-byte weights; the rest of their 18 bytes per parameter already holds 4-byte gradients
+        # (their breakdown: 16-bit gradients plus an fp32 copy), the fp32 master weights (DeepSpeed keeps a separate
+        # partition even when the weights are fp32) and Adam's moments. In fp32 the weights on the device and the
+        # gathered largest layer cost twice as much.
+        total += 2 * trained_on_device + layer
+        layer *= 2
+    weights = width * (trained_on_device + frozen_on_device)
+    total += width * frozen_on_device
+    gradients = 0 if offload_optimizer else grad_width * nt // shards
+    buckets = grad_width * int(zero.get("reduce_bucket_size", 5e8)) if stage > 0 and not offload_optimizer else 0
+    optimizer = max(0, total - layer - weights - gradients)
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "gathered_layer": layer,
+            "buckets": buckets, "total": total + buckets}
+
+
+def gathered_parameters(counts: ModelCounts, ds_config: dict, world_size: int) -> int:
+    """Per-device bytes of gathered ZeRO-3 weights during the forward and backward. DeepSpeed keeps fetched parameters
+    until ``stage3_max_live_parameters`` are live and prefetches ``stage3_prefetch_bucket_size`` more, and never less
+    than the largest layer. On one rank nothing is gathered: a parameter's partition is the whole parameter, used in
+    place. (Their gradients are in the simulated micro-step, which sees every gradient until it is reduced.)"""
+    zero = ds_config.get("zero_optimization", {})
+    if zero_stage(ds_config) != 3 or world_size == 1:
+        return 0
+    width = 4 if precision(ds_config) == "fp32" else 2
+    live = int(zero.get("stage3_max_live_parameters", 1e9)) + int(zero.get("stage3_prefetch_bucket_size", 5e7))
+    return width * max(counts.largest_layer, min(counts.total, live))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Transient memory: one micro-step on fake tensors
+
+def _fake_batches(method, cfg, streams: Optional[list] = None) -> dict[str, dict]:
+    """Full-length chunks for every stream (the worst case), with the method's precomputed label fields."""
+    t, seq = cfg.train, cfg.data.seq_len
+    out = {}
+    for name in streams or method.streams:
+        b = method.stream_batch_size(name, t)
+        batch = {"input_ids": torch.zeros(b, seq, dtype=torch.long), "attention_mask": torch.ones(b, seq, dtype=torch.long),
+                 "labels": torch.zeros(b, seq, dtype=torch.long), "row": torch.arange(b)}
+        for kind in ([method.precomputed[name]] if name in method.precomputed else []):
+            batch[kind] = torch.zeros(b, seq, dtype=torch.long)
+        out[name] = batch
+    return out
+
+
+def _tracker():
+    """PyTorch's MemTracker without its gradient hooks: it would hook every parameter, and a hook on a frozen one
+    (LoRA's base, RMU's other layers) is an error. Gradients are still counted: every allocation is."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+    return Tracker()
+
+
+def _peak_transient(run) -> int:
+    """Peak bytes of what ``run()`` allocates beyond parameters and buffers, under MemTracker."""
+    tracker = _tracker()
+    with tracker:
+        run(tracker)
+    peak = tracker.get_tracker_snapshot("peak")
+    by_kind = next(iter(peak.values())) if peak else {}
+    parameters = sum(v for k, v in by_kind.items() if str(getattr(k, "value", k)) in ("Parameter", "Buffer"))
+    return int(by_kind.get("Total", 0) - parameters)
+
+
+EXTRAPOLATE_FROM = (2, 4)
+"""Decoder depths simulated for a deeper model: every layer keeps the same tensors, so the transient is linear in the
+depth (with checkpointing too: one boundary tensor per layer plus one layer's recompute). Two and four layers, not one
+and two, so that models alternating two kinds of layer (sliding-window and global attention) are sampled evenly."""
+
+
+def _num_layers(config) -> Optional[int]:
+    return getattr(config, "num_hidden_layers", None)
+
+
+def with_layers(config, num_layers: int):
+    """A copy of a Hugging Face config with ``num_layers`` decoder layers (per-layer lists cut to match)."""
+    import copy
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = num_layers
+    for name in ("layer_types", "block_types"):
+        if isinstance(getattr(config, name, None), list):
+            setattr(config, name, getattr(config, name)[:num_layers])
+    return config
+
+
+def simulate(p, activation_checkpointing: bool, reference_mode: str) -> dict[str, int]:
+    """Transient bytes of ``p``'s run (a ``prepare.Prepared``): ``step`` (one micro-step, theta_0's forward included
+    when it runs every micro-step) and ``theta0_pass`` (one batch of the cache or precomputed-label pass).
+
+    A model deeper than ``EXTRAPOLATE_FROM[1]`` layers is simulated at those two depths and extrapolated linearly
+    (exact for identical layers; ``tests/unit/test_memory_plan.py``), unless the method picks layers by index
+    (RMU's hidden state and trained matrices), which needs the whole model."""
+    depth = _num_layers(p.model_config)
+    lo, hi = EXTRAPOLATE_FROM
+    if depth is None or depth <= hi or p.method.needs_hidden_states or p.method.trainable_params:
+        return simulate_depth(p, p.model_config, activation_checkpointing, reference_mode)
+    at = {n: simulate_depth(p, with_layers(p.model_config, n), activation_checkpointing, reference_mode)
+          for n in (lo, hi)}
+    return {k: at[lo][k] + (depth - lo) * (at[hi][k] - at[lo][k]) // (hi - lo) for k in at[lo]}
+
+
+def simulate_depth(p, model_config, activation_checkpointing: bool, reference_mode: str) -> dict[str, int]:
+    """``simulate`` for one model config, every layer run."""
+    import warnings
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from . import engine as E
+    from .adapter import apply_adapter
+    from .cost import meta_model
+    from .methods import select_trainable
+    from .reference import AdaptersOffReference, EngineReference, _check_needs
+
+    cfg, method = p.cfg, p.method
+    model = meta_model(model_config).to(E.torch_dtype(p.ds_config))
+    if cfg.adapter.rank > 0:
+        model = apply_adapter(model, cfg.adapter, method.trainable_params, seed=cfg.train.seed)
+    else:
+        select_trainable(model, method)
+    needs, hidden_index = _check_needs(method)
+    result = {"step": 0, "theta0_pass": 0}
+    with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True):
+        warnings.simplefilter("ignore")
+        model = model.to_empty(device="cpu")
+        model.config.use_cache = False
+        if activation_checkpointing:
+            E.enable_activation_checkpointing(model)
+        for q in model.parameters():
+            if q.requires_grad:  # ZeRO reduces each gradient into its partition as soon as it is complete
+                q.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
+        batches = _fake_batches(method, cfg)
+        passes = {n: k for n, k in {**needs, **method.precomputed}.items()}
+        if passes:
+            model.eval()
+            reference = EngineReference(model, {n: "logits" if k not in ("seq_logprob", "hidden") else k
+                                                 for n, k in passes.items()}, hidden_index)
+            result["theta0_pass"] = _peak_transient(lambda _: reference.outputs_for(batches, torch.device("cpu")))
+        model.train()
+        if needs and reference_mode == "cache":
+            with torch.no_grad():
+                cached = EngineReference(model, needs, hidden_index).outputs_for(batches, torch.device("cpu"))
+            reference = _Fixed(cached)
+        elif needs:
+            reference = (AdaptersOffReference if reference_mode == "adapters_off" else EngineReference)(
+                model, needs, hidden_index)
+        else:
+            reference = None
+
+        result["step"] = _peak_transient(lambda tracker: micro_step(model, method, p.weights, batches, reference,
+                                                                    tracker))
+    return result
+
+
+def micro_step(model, method, weights: dict, batches: dict, reference, tracker) -> None:
+    """One training micro-step as the loop runs it (``loop.fused_forward``, the method's terms, the backward) on
+    ``model``, inside ``tracker`` (a MemTracker)."""
+    from .loop import fused_forward
+    # theta_0's forward and the trained forward call the same modules: MemTracker's per-module statistics (not its
+    # peak) must start again in between.
+    outputs = fused_forward(model, method, batches, _Then(reference, tracker.reset_mod_stats))
+    terms = method.terms(outputs)
+    sum(weights.get(k, 1.0) * v for k, v in terms.items()).backward()
+
+
+class _Then:
+    """A reference that calls ``then()`` after handing out theta_0's outputs."""
+
+    def __init__(self, reference, then):
+        self.reference, self.then = reference, then
+
+    def outputs_for(self, streams, device):
+        if self.reference is None:
+            return {}
+        try:
+            return self.reference.outputs_for(streams, device)
+        finally:
+            self.then()
+
+
+class _Fixed:
+    """theta_0's outputs, computed once (what a cache hands the loop)."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+    def outputs_for(self, streams, device):
+        return self.outputs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan
+
+def planned_model(p) -> torch.nn.Module:
+    """The model as the run trains it, on the meta device: LoRA adapters applied, or the method's frozen parameters
+    marked."""
+    from .adapter import apply_adapter
+    from .cost import meta_model
+    from .methods import select_trainable
+    model = meta_model(p.model_config)
+    if p.cfg.adapter.rank > 0:
+        return apply_adapter(model, p.cfg.adapter, p.method.trainable_params, seed=p.cfg.train.seed)
+    select_trainable(model, p.method)
+    return model
+
+
+def optimizer_step_bytes(counts: ModelCounts, ds_config: dict, world_size: int, train) -> int:
+    """Per-device transient bytes of DeepSpeed's optimizer step, which works on one flat partition at a time (ZeRO-3:
+    at most ``sub_group_size`` elements): an fp32 copy of the flattened gradients (in the estimators' 18 bytes for
+    16-bit runs, extra in fp32) plus what ``torch.optim.AdamW.step`` allocates beside its moments, measured on fake
+    tensors (CPU's single-tensor path: the square-root and the denominator; CUDA's foreach path allocates one)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    stage = zero_stage(ds_config)
+    zero = ds_config.get("zero_optimization", {})
+    if stage > 0 and _offload(zero, "offload_optimizer"):
+        return 0  # the step runs on the host
+    shards = world_size if stage > 0 else 1
+    n = -(-counts.trainable // shards)
+    if stage == 3:
+        n = min(n, int(zero.get("sub_group_size", 1e9)))
+    if n == 0:
+        return 0
+    def two_steps(_):
+        # Everything inside the tracker: a tensor made before it and changed in place inside would count as new.
+        flat = torch.nn.Parameter(torch.empty(n))
+        flat.grad = torch.empty(n)
+        optimizer = torch.optim.AdamW([flat], lr=train.lr, betas=tuple(train.betas), eps=train.eps,
+                                      weight_decay=train.weight_decay)
+        optimizer.step()  # creates the moments
+        optimizer.step()
+    with FakeTensorMode():
+        # Less the four parameter-sized tensors that are not temporaries: weights, gradient, Adam's two moments.
+        adam = _peak_transient(two_steps) - 4 * 4 * n
+    return adam + (4 * n if precision(ds_config) == "fp32" else 0)
+
+
+def _phases(counts: ModelCounts, adapter_params: int, ds_config: dict, world_size: int, mode: str, needs_theta0: bool,
+            transient: dict[str, int]) -> tuple[dict, dict]:
+    """(terms, phases) in bytes per device for one configuration."""
+    stage, width = zero_stage(ds_config), 4 if precision(ds_config) == "fp32" else 2
+    states = model_states(counts, ds_config, world_size)
+    offload_optimizer = _offload(ds_config.get("zero_optimization", {}), "offload_optimizer") and stage > 0
+    moments = 0 if offload_optimizer else 8 * counts.trainable // (world_size if stage > 0 else 1)
+    theta0 = 0
+    if needs_theta0 and mode == "engine":
+        theta0 = width * (counts.total - adapter_params) // (world_size if stage == 3 else 1)
+    # DeepSpeed's largest-layer term (weights and gradient) is replaced by the gathered weights and the simulated
+    # step's gradients.
+    gathered = gathered_parameters(counts, ds_config, world_size)
+    terms = {"weights": states["weights"], "gradients": states["gradients"], "optimizer states": states["optimizer"],
+             "ZeRO buckets": states["buckets"], "theta_0 weights": theta0,
+             "gathered weights (ZeRO-3)": gathered, "activations, logits, loss terms": transient["step"],
+             "optimizer step temporaries": transient["optimizer_step"]}
+    resident = states["total"] - states["gathered_layer"] + theta0  # between steps: nothing gathered
+    built = resident - theta0 - moments  # Adam's moments appear at the first step
+    load = theta0 + width * counts.largest_layer if theta0 else 0  # partitions filled one gathered layer at a time
+    passes = max(transient["theta0_pass"] if mode == "cache" else 0, transient.get("labels_pass", 0))
+    phases = {
+        "engine": built + states["weights"],  # + one copy of the weight partition while DeepSpeed defragments it
+        "reference": built + max(load, passes),
+        "forward/backward": resident + gathered + transient["step"],
+        "optimizer step": resident + transient["optimizer_step"],
+    }
+    return terms, phases
+
+
+def plan_memory(p, device_memory: Optional[int] = None) -> dict:
+    """The memory plan of a prepared run (``prepare.prepare``) on ``p.world_size`` devices: terms and phase peaks in
+    bytes per device, with and without activation checkpointing; with ``device_memory``, whether it fits and the first
+    knob to turn when it does not."""
+    cfg, method = p.cfg, p.method
+    model = planned_model(p)
+    counts = count_parameters(model)
+    adapter_params = sum(q.numel() for n, q in model.named_parameters() if "lora_" in n)
+    needs = bool(method.reference)
+    mode = cfg.reference.mode if needs else "none"
+    chosen = cfg.train.activation_checkpointing
+    variants = {}
+    step = optimizer_step_bytes(counts, p.ds_config, p.world_size, cfg.train)
+    for checkpointing in (False, True):
+        transient = simulate(p, checkpointing, mode) | {"optimizer_step": step}
+        if method.precomputed:
+            transient["labels_pass"] = transient["theta0_pass"]
+        terms, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, transient)
+        variants[checkpointing] = {"terms": terms, "phases": phases, "peak_bytes": max(phases.values()),
+                                   "transient": transient}
+    plan = {
+        "world_size": p.world_size, "zero_stage": zero_stage(p.ds_config), "precision": precision(p.ds_config),
+        "reference_mode": mode, "activation_checkpointing": chosen,
+        "parameters": dataclasses.asdict(counts), "adapter_parameters": adapter_params,
+        "tokens_per_micro_step": sum(method.stream_batch_size(n, cfg.train) for n in method.streams) * cfg.data.seq_len,
+        "terms": variants[chosen]["terms"], "phases": variants[chosen]["phases"],
+        "peak_bytes": variants[chosen]["peak_bytes"],
+        "peak_phase": max(variants[chosen]["phases"], key=variants[chosen]["phases"].get),
+        "other_checkpointing": {"activation_checkpointing": not chosen,
+                                "activations, logits, loss terms": variants[not chosen]["terms"][
+                                    "activations, logits, loss terms"],
+                                "peak_bytes": variants[not chosen]["peak_bytes"]},
+        "not_counted": "CUDA context, NCCL buffers, allocator fragmentation (kept free: "
+                       f"{HEADROOM:.0%} of --device-memory)",
+    }
+    if device_memory is not None:
+        plan.update(fit(plan, variants, counts, adapter_params, p, mode, needs, device_memory))
+    return plan
+
+
+def fit(plan: dict, variants: dict, counts: ModelCounts, adapter_params: int, p, mode: str, needs: bool,
+        device_memory: int) -> dict:
+    """Does the plan fit in ``device_memory`` (less ``HEADROOM``)? If not: the terms over budget, largest first,
+    and the first knob, in the order that costs the run least: activation checkpointing (a third more compute),
+    theta_0 as a cache (one pass before training), a smaller micro-batch (more accumulation steps, same batch),
+    optimizer offload (host memory and PCIe traffic), more devices, LoRA (a different method)."""
+    budget = int(device_memory * (1 - HEADROOM))
+    peak = plan["peak_bytes"]
+    out = {"device_memory": device_memory, "budget_bytes": budget, "fits": peak <= budget}
+    if out["fits"]:
+        out["verdict"] = f"fits: peak {fmt(peak)} of {fmt(budget)} usable ({fmt(device_memory)} less {HEADROOM:.0%})"
+        return out
+    chosen = plan["activation_checkpointing"]
+    terms = variants[chosen]["terms"]
+    out["exceeds"] = [f"{name}: {fmt(v)}" for name, v in sorted(terms.items(), key=lambda kv: -kv[1]) if v > 0][:3]
+    cfg, t = p.cfg, p.cfg.train
+    candidates = []
+    if not chosen:
+        candidates.append(("set train.activation_checkpointing to true", variants[True]["peak_bytes"]))
+    if needs and mode == "engine":
+        transient = simulate(p, chosen, "cache") | {"optimizer_step": variants[chosen]["transient"]["optimizer_step"]}
+        transient["labels_pass"] = variants[chosen]["transient"].get("labels_pass", 0)
+        _, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, "cache", needs, transient)
+        candidates.append(('set reference.mode to "cache"', max(phases.values())))
+    if t.micro_batch_size > 1:
+        smaller = dict(variants[chosen]["transient"])
+        smaller["step"] = smaller["step"] // t.micro_batch_size
+        smaller["theta0_pass"] = smaller["theta0_pass"] // t.micro_batch_size
+        _, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, smaller)
+        candidates.append((f"set train.micro_batch_size to 1 and train.grad_accum to "
+                           f"{t.grad_accum * t.micro_batch_size} (same global batch)", max(phases.values())))
+    zero = p.ds_config.get("zero_optimization", {})
+    if zero_stage(p.ds_config) > 0 and not _offload(zero, "offload_optimizer"):
+        offloaded = {**p.ds_config, "zero_optimization": {**zero, "offload_optimizer": {"device": "cpu"}}}
+        transient = {**variants[chosen]["transient"], "optimizer_step": 0}  # the step runs on the host
+        _, phases = _phases(counts, adapter_params, offloaded, p.world_size, mode, needs, transient)
+        candidates.append(('offload the optimizer: "offload_optimizer": {"device": "cpu"} in the ZeRO JSON '
+                           '(ds_configs/zero3_offload.json)', max(phases.values())))
+    if zero_stage(p.ds_config) == 3:
+        for ranks in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+            g = p.world_size * ranks
+            transient = {**variants[chosen]["transient"],
+                         "optimizer_step": optimizer_step_bytes(counts, p.ds_config, g, t)}
+            _, phases = _phases(counts, adapter_params, p.ds_config, g, mode, needs, transient)
+            if max(phases.values()) <= budget or ranks == 512:
+                candidates.append((f"run on {g} devices (ZeRO-3 shards the model states over all of them)",
+                                   max(phases.values())))
+                break
+    else:
+        candidates.append(("use ZeRO-3 (ds_configs/zero3.json) to shard the weights too", None))
+    if cfg.adapter.rank == 0:
+        candidates.append(("train a LoRA adapter (adapter.rank, e.g. 16): only the adapters have gradients and "
+                           "optimizer states", None))
+    fitting = [(knob, new_peak) for knob, new_peak in candidates if new_peak is not None and new_peak <= budget]
+    if fitting:
+        (out["first_knob"], after), out["knob_fits"] = fitting[0], True
+        out["verdict"] = (f"does not fit: peak {fmt(peak)} > {fmt(budget)} usable ({fmt(device_memory)} less "
+                          f"{HEADROOM:.0%}); first knob: {out['first_knob']} (peak {fmt(after)})")
+    else:
+        measured = [c for c in candidates if c[1] is not None]
+        (out["first_knob"], after), out["knob_fits"] = min(measured, key=lambda c: c[1]) if measured else \
+            (candidates[-1][0], None), False
+        out["verdict"] = (f"does not fit: peak {fmt(peak)} > {fmt(budget)} usable ({fmt(device_memory)} less "
+                          f"{HEADROOM:.0%}), and no single knob makes it fit; the largest saving: {out['first_knob']}"
+                          + (f" (peak {fmt(after)})" if after is not None else ""))
+    out["peak_after_knob"] = after
+    return out
+
+
+def plan_table(plan: dict) -> str:
+    """The plan as a table for people (``--dry-run`` writes it to stderr; stdout keeps the JSON)."""
+    other = plan["other_checkpointing"]
+    ac = "on" if plan["activation_checkpointing"] else "off"
+    lines = [f"memory plan per device: {plan['world_size']} device(s), ZeRO stage {plan['zero_stage']}, "
+             f"{plan['precision']}, theta_0: {plan['reference_mode']}, "
+             f"{plan['parameters']['total'] / 1e6:.1f}M parameters ({plan['parameters']['trainable'] / 1e6:.1f}M "
+             f"trained), {plan['tokens_per_micro_step']} tokens per micro-step"]
+    for name, value in plan["terms"].items():
+        lines.append(f"  {name:<36} {fmt(value):>12}")
+    lines.append(f"  {'peak (' + plan['peak_phase'] + ' phase)':<36} {fmt(plan['peak_bytes']):>12}   "
+                 f"(activation checkpointing {ac}; {'on' if other['activation_checkpointing'] else 'off'}: "
+                 f"{fmt(other['peak_bytes'])}, activations etc. {fmt(other['activations, logits, loss terms'])})")
+    lines.append("  phases: " + ", ".join(f"{k} {fmt(v)}" for k, v in plan["phases"].items()))
+    lines.append(f"  not counted: {plan['not_counted']}")
+    if "verdict" in plan:
+        lines.append(f"  {plan['verdict']}")
+        for item in plan.get("exceeds", []):
+            lines.append(f"    largest: {item}")
+    return "\n".join(lines)
