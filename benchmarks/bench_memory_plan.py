@@ -119,7 +119,8 @@ def worker(config: str, out_dir: str) -> int:
 # Driver
 
 def run_config(world: dict, mode: str, run_dir: Path, args) -> dict:
-    return {"model": {"path": world["model"]},
+    adapter = {"adapter": {"rank": args.lora_rank}} if mode == "adapters_off" else {}
+    return adapter | {"model": {"path": world["model"]},
             "data": {k: world[k] for k in ("forget", "retain")} | {"seq_len": args.seq_len},
             "method": {"name": "ga_kl"}, "reference": {"mode": mode, "topk": args.topk},
             "train": {"micro_batch_size": args.micro_batch_size, "num_steps": args.steps, "lr": 1e-5,
@@ -159,7 +160,9 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--work-dir", default=str(REPO / ".cache" / "bench_memory_plan"))
     ap.add_argument("--sizes", nargs="+", default=["512x4", "1024x8"], help="HIDDENxLAYERS of random Llamas")
-    ap.add_argument("--modes", nargs="+", default=["engine", "cache"])
+    ap.add_argument("--modes", nargs="+", default=["engine", "cache"],
+                    help="reference.mode values; adapters_off trains a LoRA adapter of rank --lora-rank")
+    ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--ranks", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seq-len", type=int, default=512)

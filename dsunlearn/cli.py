@@ -152,7 +152,7 @@ def cmd_unlearn(args) -> int:
 def dry_run(cfg, zero_path: str, world_size: int, after=None, device_memory: Optional[str] = None) -> int:
     """Everything a launch checks before it starts (``prepare``), without a process group or any weights, and the
     per-device memory plan (``memory.py``): JSON on stdout, the plan as a table on stderr. Exit code 1 when
-    ``device_memory`` is given and the plan does not fit."""
+    ``device_memory`` is given and the plan does not fit (or cannot tell)."""
     from .chain import earlier_forget_sets, plan_request
     from .memory import parse_memory, plan_memory, plan_table
     from .prepare import prepare
@@ -163,7 +163,7 @@ def dry_run(cfg, zero_path: str, world_size: int, after=None, device_memory: Opt
     print(json.dumps({"run_config": to_dict(cfg), "zero_config": p.ds_config, "world_size": world_size,
                       "num_steps": p.num_steps, "chain": chain, "memory_plan": plan}, indent=2))
     print(plan_table(plan), file=sys.stderr)
-    return 1 if budget is not None and not plan["fits"] else 0
+    return 1 if budget is not None and plan["fits"] is not True else 0
 
 
 def cmd_eval(args) -> int:

@@ -322,6 +322,9 @@ def train_step(run: Run, step: int) -> dict:
         if cfg.guard.forget_loss_ceiling is not None and forget_nll > cfg.guard.forget_loss_ceiling:
             return {"stop": f"forget loss {forget_nll:.4f} above guard.forget_loss_ceiling="
                             f"{cfg.guard.forget_loss_ceiling} at step {step + 1}"}
+        # The last reference to the logits ([B, T, V]): with it gone, the backward frees them before the optimizer
+        # step instead of after it (benchmarks/RESULTS.md section 10: the step phase's peak).
+        del outputs
         engine.backward(total)
         engine.step()
         for k, v in terms.items():

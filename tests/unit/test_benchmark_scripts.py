@@ -34,3 +34,19 @@ def test_bench_lora_runs_its_code_path_on_a_tiny_model(tmp_path):
     assert [r[1] for r in rows] == ["full, reference engine", "LoRA r=4, adapters off"]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)  # peak RSS (MiB), step (s)
     assert "npo: LoRA / full peak memory" in p.stdout
+
+
+def test_bench_memory_plan_runs_its_code_path_on_a_tiny_model(tmp_path):
+    """A measured run and the --dry-run plan of the same config, one table row with every phase."""
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_memory_plan.py"), "--sizes", "64x1",
+                        "--modes", "cache", "--vocab", "512", "--seq-len", "64", "--steps", "2",
+                        "--work-dir", str(tmp_path)],
+                       env=launch_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in p.stdout.splitlines()
+            if line.startswith("| ") and "(64x1)" in line]
+    assert len(rows) == 1 and rows[0][1] == "cache"
+    for cell in rows[0][2:7]:  # four phases and the peak: "plan / measured" in MiB
+        plan, measured = (float(v) for v in cell.split(" / "))
+        assert plan > 0 and measured > 0
+    assert float(rows[0][7]) > 0

@@ -216,3 +216,50 @@ def test_optimizer_step_temporaries_are_adamws_own_plus_the_fp32_gradient_copy()
     assert optimizer_step_bytes(counts, sub_group, 2, train) < real
     offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
     assert optimizer_step_bytes(counts, offload, 2, train) == 0
+
+
+def test_a_model_the_fake_tensors_cannot_run_still_gets_a_plan(toy_world, tmp_path, monkeypatch):
+    """The dry run still validates and plans the model states; a fit it cannot confirm is not called a fit."""
+    import dsunlearn.memory as M
+
+    def broken(*a, **k):
+        raise NotImplementedError("no fake kernel for aten::exotic")
+    monkeypatch.setattr(M, "simulate", broken)
+    p = _prepared(toy_world, tmp_path, method={"name": "ga_kl"})
+    plan = plan_memory(p, device_memory=80 * GIB)
+    assert plan["fits"] is None and "aten::exotic" in plan["incomplete"] and plan["verdict"].startswith("unknown")
+    assert plan["terms"]["weights"] > 0 and plan["terms"]["activations, logits, loss terms"] == 0
+    assert not plan_memory(p, device_memory=plan["terms"]["weights"])["fits"]  # a lower bound can still not fit
+
+
+def test_the_loop_frees_each_micro_steps_logits_before_the_optimizer_step(toy_world, tmp_path, monkeypatch):
+    """The plan never counts a previous micro-step's logits; the loop must not keep them (it once held them through
+    the next forward, the backward and the optimizer step: benchmarks/RESULTS.md section 10)."""
+    import weakref
+    from dsunlearn import engine as E
+    from dsunlearn import loop
+    alive, checks = [], []
+
+    def check(where):
+        checks.append((where, sum(r() is not None for r in alive)))
+
+    real_forward, real_build = loop.fused_forward, E.build_train_engine
+
+    def fused_forward(*a, **k):
+        check("next forward")
+        outputs = real_forward(*a, **k)
+        alive.extend(weakref.ref(o.logits) for o in outputs.values())
+        return outputs
+
+    def build_train_engine(*a, **k):
+        engine = real_build(*a, **k)
+        step = engine.step
+        engine.step = lambda *sa, **sk: check("optimizer step") or step(*sa, **sk)
+        return engine
+    monkeypatch.setattr(loop, "fused_forward", fused_forward)
+    monkeypatch.setattr(E, "build_train_engine", build_train_engine)
+    cfg = write_run_config(tmp_path / "run.json", toy_world, tmp_path / "run", method={"name": "ga_gd"},
+                           train={"num_steps": 2, "grad_accum": 2}, eval={"splits": []})
+    assert loop.unlearn(load_run_config(str(cfg)), CPU_ZERO3) == 0
+    assert [w for w, _ in checks] == ["next forward", "optimizer step"] * 4
+    assert all(n == 0 for _, n in checks), checks
