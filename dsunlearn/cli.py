@@ -154,12 +154,14 @@ def dry_run(cfg, zero_path: str, world_size: int, after=None, device_memory: Opt
     per-device memory plan (``memory.py``): JSON on stdout, the plan as a table on stderr. Exit code 1 when
     ``device_memory`` is given and the plan does not fit (or cannot tell)."""
     from .chain import earlier_forget_sets, plan_request
+    from .logs import quiet_torchao
     from .memory import parse_memory, plan_memory, plan_table
     from .prepare import prepare
     budget = parse_memory(device_memory) if device_memory else None
     cfg, chain = plan_request(cfg, after)
     p = prepare(cfg, zero_path, world_size, earlier=earlier_forget_sets(chain))
-    plan = plan_memory(p, budget)
+    with quiet_torchao():  # transformers imports torchao with the model classes the plan builds on the meta device
+        plan = plan_memory(p, budget)
     print(json.dumps({"run_config": to_dict(cfg), "zero_config": p.ds_config, "world_size": world_size,
                       "num_steps": p.num_steps, "chain": chain, "memory_plan": plan}, indent=2))
     print(plan_table(plan), file=sys.stderr)

@@ -20,10 +20,13 @@ def setup_logging() -> None:
 def quiet_torchao():
     """torchao (imported by peft, and by the quantization audit) logs a warning for every CUDA-only kernel library a
     CPU machine cannot load: noise, raised to ERROR while importing, for callers without ``setup_logging``."""
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # torch's pytree registry also warns once per enum torchao registers: the same noise.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
