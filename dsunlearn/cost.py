@@ -151,14 +151,14 @@ class ModelShape:
         if num_params is None:
             counts = count_parameters(meta_model(config))
             return cls._from_config(config, counts["total"], counts["embedding"])
-        text = _text_config(config)
+        text = text_config(config)
         tied = bool(getattr(config, "tie_word_embeddings", getattr(text, "tie_word_embeddings", True)))
         embedding = text.vocab_size * text.hidden_size * (1 if tied else 2)
         return cls._from_config(config, int(num_params), embedding)
 
     @classmethod
     def _from_config(cls, config: Any, num_params: int, num_embedding_params: int) -> ModelShape:
-        text = _text_config(config)
+        text = text_config(config)
         heads = getattr(text, "num_attention_heads", None)
         head_dim = getattr(text, "head_dim", None)
         attention_dim = None
@@ -181,7 +181,7 @@ def meta_model(config: Any) -> torch.nn.Module:
         return model_cls(config) if model_cls is not None else AutoModelForCausalLM.from_config(config)
 
 
-def _text_config(config: Any) -> Any:
+def text_config(config: Any) -> Any:
     # Multimodal configs nest the language model's config; HF's attribute_map already maps n_layer/n_embd names.
     get_text = getattr(config, "get_text_config", None)
     return get_text() if callable(get_text) else config

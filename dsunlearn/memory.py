@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 
 from .config import ConfigError
+from .cost import text_config
 from .zero import precision, zero_stage
 
 HEADROOM = 0.10
@@ -416,11 +417,16 @@ def plan_memory(p, device_memory: Optional[int] = None) -> dict:
         terms, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, transient)
         variants[checkpointing] = {"terms": terms, "phases": phases, "peak_bytes": max(phases.values()),
                                    "transient": transient}
+    tokens = sum(method.stream_batch_size(n, cfg.train) for n in method.streams) * cfg.data.seq_len
+    # The trained forward's [tokens, vocab] logits and their gradient (in the model's dtype; the loss terms upcast
+    # row blocks only): part of the simulated transient, shown on its own.
+    logits = 2 * tokens * text_config(p.model_config).vocab_size * (4 if precision(p.ds_config) == "fp32" else 2)
     plan = {
         "world_size": p.world_size, "zero_stage": zero_stage(p.ds_config), "precision": precision(p.ds_config),
         "reference_mode": mode, "activation_checkpointing": chosen,
         "parameters": dataclasses.asdict(counts), "adapter_parameters": adapter_params,
-        "tokens_per_micro_step": sum(method.stream_batch_size(n, cfg.train) for n in method.streams) * cfg.data.seq_len,
+        "tokens_per_micro_step": tokens,
+        "logits_bytes": logits,
         "terms": variants[chosen]["terms"], "phases": variants[chosen]["phases"],
         "peak_bytes": variants[chosen]["peak_bytes"],
         "peak_phase": max(variants[chosen]["phases"], key=variants[chosen]["phases"].get),
@@ -522,6 +528,8 @@ def plan_table(plan: dict) -> str:
              f"trained), {plan['tokens_per_micro_step']} tokens per micro-step"]
     for name, value in plan["terms"].items():
         lines.append(f"  {name:<36} {fmt(value):>12}")
+        if name == "activations, logits, loss terms":
+            lines.append(f"  {'  of which logits and their gradient':<36} {fmt(plan['logits_bytes']):>12}")
     lines.append(f"  {'peak (' + plan['peak_phase'] + ' phase)':<36} {fmt(plan['peak_bytes']):>12}   "
                  f"(activation checkpointing {ac}; {'on' if other['activation_checkpointing'] else 'off'}: "
                  f"{fmt(other['peak_bytes'])}, activations etc. {fmt(other['activations, logits, loss terms'])})")

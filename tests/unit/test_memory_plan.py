@@ -108,6 +108,11 @@ def test_fake_micro_step_uses_the_memory_of_the_real_one(method, mode, adapter, 
     real = peak["Total"] - sum(v for k, v in peak.items() if str(getattr(k, "value", k)) in ("Parameter", "Buffer"))
     assert planned == pytest.approx(real, rel=0.05)
     assert planned > 2 * 4 * p.cfg.data.seq_len * p.model_config.vocab_size  # at least logits and their gradient
+    if mode == "engine" and not adapter:
+        plan = plan_memory(p)
+        tokens = sum(p.method.stream_batch_size(n, p.cfg.train) for n in p.method.streams) * p.cfg.data.seq_len
+        assert plan["logits_bytes"] == 2 * 4 * tokens * p.model_config.vocab_size
+        assert plan["logits_bytes"] < plan["terms"]["activations, logits, loss terms"]
 
 
 def test_checkpointing_and_batch_size_move_the_transient_the_right_way(toy_world, tmp_path):
