@@ -1,6 +1,6 @@
 """Will it fit? A per-device memory plan before launch: ``dsunlearn unlearn --dry-run [--device-memory 80GB]``.
 
-A run peaks in one of four phases, each planned on its own; the plan's peak is the largest:
+A run peaks in one of its phases, each planned on its own; the plan's peak is the largest:
 
 - ``engine``: building the trained engine. Weights, gradient partitions and the fp32 master copy exist (Adam's
   moments appear at the first step), plus one transient copy of the weight partition (DeepSpeed defragments the
@@ -12,6 +12,10 @@ A run peaks in one of four phases, each planned on its own; the plan's peak is t
   micro-step's transient memory: activations, logits, the loss terms' temporaries and their gradients, parameter
   gradients until they are reduced (theta_0's no-grad forward included when it runs each micro-step).
 - ``optimizer step``: every model state, theta_0's weights, and the step's temporaries.
+- ``evaluation`` (when ``eval.splits`` has any): a no-grad forward at ``eval.micro_batch_size`` and every per-chunk
+  statistic, with the run's engines in memory.
+- ``relearn audit`` (``eval.audits``): the audit's full fine-tune of the exported model (every weight, also after a
+  LoRA run) on ``audit.relearn_batch_size`` chunks, after the run's engines are released.
 
 Where the numbers come from:
 
@@ -246,7 +250,7 @@ def simulate_depth(p, model_config, activation_checkpointing: bool, reference_mo
     else:
         select_trainable(model, method)
     needs, hidden_index = _check_needs(method)
-    result = {"step": 0, "theta0_pass": 0}
+    result = {"step": 0, "theta0_pass": 0, "eval_pass": 0}
     with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True):
         warnings.simplefilter("ignore")
         model = model.to_empty(device="cpu")
@@ -263,6 +267,10 @@ def simulate_depth(p, model_config, activation_checkpointing: bool, reference_mo
             reference = EngineReference(model, {n: "logits" if k not in ("seq_logprob", "hidden") else k
                                                  for n, k in passes.items()}, hidden_index)
             result["theta0_pass"] = _peak_transient(lambda _: reference.outputs_for(batches, torch.device("cpu")))
+        if cfg.eval.splits:
+            model.eval()
+            result["eval_pass"] = _peak_transient(lambda _: eval_pass(model, cfg.eval.micro_batch_size,
+                                                                      cfg.data.seq_len))
         model.train()
         if needs and reference_mode == "cache":
             with torch.no_grad():
@@ -277,6 +285,18 @@ def simulate_depth(p, model_config, activation_checkpointing: bool, reference_mo
         result["step"] = _peak_transient(lambda tracker: micro_step(model, method, p.weights, batches, reference,
                                                                     tracker))
     return result
+
+
+def eval_pass(model, batch_size: int, seq_len: int) -> None:
+    """One batch of evaluation as ``eval/runner.score_split`` runs it: a no-grad forward and every per-chunk
+    statistic (losses, accuracy, the membership scores) from its logits."""
+    from . import engine as E
+    from .eval.metrics import chunk_stats
+    batch = {"input_ids": torch.zeros(batch_size, seq_len, dtype=torch.long),
+             "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long)}
+    with torch.no_grad():
+        logits = E.forward(model, batch).logits
+        chunk_stats(logits, torch.zeros(batch_size, seq_len, dtype=torch.long))
 
 
 def micro_step(model, method, weights: dict, batches: dict, reference, tracker) -> None:
@@ -389,7 +409,32 @@ def _phases(counts: ModelCounts, adapter_params: int, ds_config: dict, world_siz
         "forward/backward": resident + gathered + transient["step"],
         "optimizer step": resident + transient["optimizer_step"],
     }
+    if transient.get("eval_pass"):  # evaluations run the trained engine without gradients, θ0 still in memory
+        phases["evaluation"] = resident + gathered + transient["eval_pass"]
     return terms, phases
+
+
+def relearn_audit_prepared(p):
+    """The relearning audit's fine-tune (``eval/audit.py``) as a run of its own: every weight trains (an adapter run
+    is audited on its merged model), plain language modelling on ``audit.relearn_batch_size`` chunks per step."""
+    from .eval.audit import relearn_config
+    from .pretrain import LanguageModeling
+    cfg = relearn_config(p.cfg, p.world_size)
+    cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, rank=0),
+                              train=dataclasses.replace(cfg.train, retain_ratio=1),
+                              eval=dataclasses.replace(cfg.eval, splits=()))
+    return dataclasses.replace(p, cfg=cfg, method=LanguageModeling(), weights={"train": 1.0})
+
+
+def relearn_audit_peak(p, activation_checkpointing: bool) -> int:
+    """Per-device peak of the relearning audit, which runs after the run's engines are released (its engine follows
+    ``train.activation_checkpointing``)."""
+    q = relearn_audit_prepared(p)
+    counts = count_parameters(planned_model(q))
+    transient = simulate(q, activation_checkpointing, "none")
+    transient["optimizer_step"] = optimizer_step_bytes(counts, q.ds_config, q.world_size, q.cfg.train)
+    _, phases = _phases(counts, 0, q.ds_config, q.world_size, "none", False, transient)
+    return max(phases["forward/backward"], phases["optimizer step"])
 
 
 def plan_memory(p, device_memory: Optional[int] = None) -> dict:
@@ -407,14 +452,23 @@ def plan_memory(p, device_memory: Optional[int] = None) -> dict:
     step = optimizer_step_bytes(counts, p.ds_config, p.world_size, cfg.train)
     incomplete = None
     for checkpointing in (False, True):
+        audit = None
+        if "relearn" in p.audits:
+            try:
+                audit = relearn_audit_peak(p, checkpointing)
+            except Exception as e:  # see below
+                incomplete = (f"the relearning audit could not be run on fake tensors ({type(e).__name__}: "
+                              f"{str(e)[:200]})")
         try:
             transient = simulate(p, checkpointing, mode) | {"optimizer_step": step}
         except Exception as e:  # an op without a fake-tensor kernel in some model's code: plan what is known
             incomplete = f"the micro-step could not be run on fake tensors ({type(e).__name__}: {str(e)[:200]})"
-            transient = {"step": 0, "theta0_pass": 0, "optimizer_step": step}
+            transient = {"step": 0, "theta0_pass": 0, "eval_pass": 0, "optimizer_step": step}
         if method.precomputed:
             transient["labels_pass"] = transient["theta0_pass"]
         terms, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, transient)
+        if audit is not None:
+            phases["relearn audit"] = audit
         variants[checkpointing] = {"terms": terms, "phases": phases, "peak_bytes": max(phases.values()),
                                    "transient": transient}
     tokens = sum(method.stream_batch_size(n, cfg.train) for n in method.streams) * cfg.data.seq_len
@@ -465,37 +519,54 @@ def fit(plan: dict, variants: dict, counts: ModelCounts, adapter_params: int, p,
     terms = variants[chosen]["terms"]
     out["exceeds"] = [f"{name}: {fmt(v)}" for name, v in sorted(terms.items(), key=lambda kv: -kv[1]) if v > 0][:3]
     cfg, t = p.cfg, p.cfg.train
+    audit = plan["phases"].get("relearn audit", 0)
+
+    def peak_of(phases: dict) -> int:  # a knob on the unlearning run leaves the audit's own peak as it is
+        return max(max(phases.values()), audit)
     candidates = []
+    # Knobs that leave the unlearning untouched come first when their phase is the peak.
+    if plan["peak_phase"] == "evaluation" and cfg.eval.micro_batch_size > 1:
+        one = {**variants[chosen]["transient"]}
+        one["eval_pass"] = one["eval_pass"] // cfg.eval.micro_batch_size
+        _, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, one)
+        candidates.append(("set eval.micro_batch_size to 1", peak_of(phases)))
+    if plan["peak_phase"] == "relearn audit" and cfg.audit.relearn_batch_size > p.world_size:
+        smaller = dataclasses.replace(p, cfg=dataclasses.replace(
+            cfg, audit=dataclasses.replace(cfg.audit, relearn_batch_size=p.world_size)))
+        candidates.append((f"set audit.relearn_batch_size to {p.world_size} (one chunk per device), or run "
+                           f"`dsunlearn audit` later on more devices",
+                           max(max(variants[chosen]["phases"][k] for k in variants[chosen]["phases"]
+                                   if k != "relearn audit"), relearn_audit_peak(smaller, chosen))))
     if not chosen:
         candidates.append(("set train.activation_checkpointing to true", variants[True]["peak_bytes"]))
     if needs and mode == "engine" and "incomplete" not in plan:
         transient = simulate(p, chosen, "cache") | {"optimizer_step": variants[chosen]["transient"]["optimizer_step"]}
         transient["labels_pass"] = variants[chosen]["transient"].get("labels_pass", 0)
         _, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, "cache", needs, transient)
-        candidates.append(('set reference.mode to "cache"', max(phases.values())))
+        candidates.append(('set reference.mode to "cache"', peak_of(phases)))
     if t.micro_batch_size > 1:
         smaller = dict(variants[chosen]["transient"])
         smaller["step"] = smaller["step"] // t.micro_batch_size
         smaller["theta0_pass"] = smaller["theta0_pass"] // t.micro_batch_size
         _, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, smaller)
         candidates.append((f"set train.micro_batch_size to 1 and train.grad_accum to "
-                           f"{t.grad_accum * t.micro_batch_size} (same global batch)", max(phases.values())))
+                           f"{t.grad_accum * t.micro_batch_size} (same global batch)", peak_of(phases)))
     zero = p.ds_config.get("zero_optimization", {})
     if zero_stage(p.ds_config) > 0 and not _offload(zero, "offload_optimizer"):
         offloaded = {**p.ds_config, "zero_optimization": {**zero, "offload_optimizer": {"device": "cpu"}}}
         transient = {**variants[chosen]["transient"], "optimizer_step": 0}  # the step runs on the host
         _, phases = _phases(counts, adapter_params, offloaded, p.world_size, mode, needs, transient)
         candidates.append(('offload the optimizer: "offload_optimizer": {"device": "cpu"} in the ZeRO JSON '
-                           '(ds_configs/zero3_offload.json)', max(phases.values())))
+                           '(ds_configs/zero3_offload.json)', peak_of(phases)))
     if zero_stage(p.ds_config) == 3:
         for ranks in (2, 4, 8, 16, 32, 64, 128, 256, 512):
             g = p.world_size * ranks
             transient = {**variants[chosen]["transient"],
                          "optimizer_step": optimizer_step_bytes(counts, p.ds_config, g, t)}
             _, phases = _phases(counts, adapter_params, p.ds_config, g, mode, needs, transient)
-            if max(phases.values()) <= budget or ranks == 512:
+            if peak_of(phases) <= budget or ranks == 512:
                 candidates.append((f"run on {g} devices (ZeRO-3 shards the model states over all of them)",
-                                   max(phases.values())))
+                                   peak_of(phases)))
                 break
     else:
         candidates.append(("use ZeRO-3 (ds_configs/zero3.json) to shard the weights too", None))

@@ -268,3 +268,33 @@ def test_the_loop_frees_each_micro_steps_logits_before_the_optimizer_step(toy_wo
     assert loop.unlearn(load_run_config(str(cfg)), CPU_ZERO3) == 0
     assert [w for w, _ in checks] == ["next forward", "optimizer step"] * 4
     assert all(n == 0 for _, n in checks), checks
+
+
+def test_evaluation_and_the_relearn_audit_are_phases_of_their_own(toy_world, tmp_path):
+    """Evaluations (no-grad forwards at eval.micro_batch_size) and the relearning audit (a full fine-tune of the
+    exported model on audit.relearn_batch_size chunks) can peak higher than the unlearning steps."""
+    from dsunlearn.memory import _fake_batches, _tracker, eval_pass
+    p = _prepared(toy_world, tmp_path, method={"name": "ga_gd"}, eval={"splits": []})
+    assert "evaluation" not in plan_memory(p)["phases"]
+    p = _prepared(toy_world, tmp_path, method={"name": "ga_gd"}, eval={"splits": ["forget", "approximate"],
+                                                                      "micro_batch_size": 16})
+    plan = plan_memory(p)
+    planned = simulate(p, False, "none")["eval_pass"]
+    tracker = _tracker()  # the same pass on real tensors
+    model = planned_model(p).to_empty(device="cpu").eval()
+    with tracker:
+        eval_pass(model, 16, p.cfg.data.seq_len)
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    real = peak["Total"] - sum(v for k, v in peak.items() if str(getattr(k, "value", k)) in ("Parameter", "Buffer"))
+    assert planned == pytest.approx(real, rel=0.05) and planned > 16 * p.cfg.data.seq_len * p.model_config.vocab_size
+    assert plan["phases"]["evaluation"] > plan["phases"]["optimizer step"]
+
+    audited = dict(method={"name": "ga_gd"}, eval={"audits": ["relearn"]}, adapter={"rank": 4})
+    small = plan_memory(_prepared(toy_world, tmp_path, audit={"relearn_batch_size": 2}, **audited))
+    big = plan_memory(_prepared(toy_world, tmp_path, audit={"relearn_batch_size": 32}, **audited))
+    # The audit fine-tunes every weight even after a LoRA run: its model states exceed the run's.
+    assert small["phases"]["relearn audit"] > small["phases"]["optimizer step"]
+    assert big["phases"]["relearn audit"] > small["phases"]["relearn audit"] and big["peak_phase"] == "relearn audit"
+    tight = plan_memory(_prepared(toy_world, tmp_path, audit={"relearn_batch_size": 32}, **audited),
+                        device_memory=int(small["peak_bytes"] / (1 - HEADROOM)) + 2**20)
+    assert not tight["fits"] and tight["first_knob"].startswith("set audit.relearn_batch_size to 1")
