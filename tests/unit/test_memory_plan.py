@@ -80,7 +80,7 @@ def test_counts_follow_adapters_and_frozen_parameters(toy_world, tmp_path):
                                                    ("ga_kl", "adapters_off", 4)])
 def test_fake_micro_step_uses_the_memory_of_the_real_one(method, mode, adapter, toy_world, tmp_path):
     """The transient the plan counts is what the same micro-step allocates on real tensors (MemTracker both times)."""
-    from dsunlearn.memory import _fake_batches, _tracker, micro_step
+    from dsunlearn.memory import _fake_batches, _peak_transient, micro_step
     from dsunlearn.reference import AdaptersOffReference, EngineReference, _check_needs
     params = {"layer": 1, "trainable_params": r"model\.layers\.(0|1)\.mlp\.down_proj\.weight"} if method == "rmu" else {}
     p = _prepared(toy_world, tmp_path, method={"name": method, "params": params}, reference={"mode": mode},
@@ -101,11 +101,7 @@ def test_fake_micro_step_uses_the_memory_of_the_real_one(method, mode, adapter, 
     if reference is not None and mode == "cache":
         cached = reference.outputs_for(batches, torch.device("cpu"))
         reference = type("Cached", (), {"outputs_for": lambda self, s, d: cached})()
-    tracker = _tracker()
-    with tracker:
-        micro_step(model, p.method, p.weights, batches, reference, tracker)
-    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    real = peak["Total"] - sum(v for k, v in peak.items() if str(getattr(k, "value", k)) in ("Parameter", "Buffer"))
+    real = _peak_transient(lambda tracker: micro_step(model, p.method, p.weights, batches, reference, tracker))
     assert planned == pytest.approx(real, rel=0.05)
     assert planned > 2 * 4 * p.cfg.data.seq_len * p.model_config.vocab_size  # at least logits and their gradient
     if mode == "engine" and not adapter:
@@ -273,19 +269,15 @@ def test_the_loop_frees_each_micro_steps_logits_before_the_optimizer_step(toy_wo
 def test_evaluation_and_the_relearn_audit_are_phases_of_their_own(toy_world, tmp_path):
     """Evaluations (no-grad forwards at eval.micro_batch_size) and the relearning audit (a full fine-tune of the
     exported model on audit.relearn_batch_size chunks) can peak higher than the unlearning steps."""
-    from dsunlearn.memory import _fake_batches, _tracker, eval_pass
+    from dsunlearn.memory import _peak_transient, eval_pass
     p = _prepared(toy_world, tmp_path, method={"name": "ga_gd"}, eval={"splits": []})
     assert "evaluation" not in plan_memory(p)["phases"]
     p = _prepared(toy_world, tmp_path, method={"name": "ga_gd"}, eval={"splits": ["forget", "approximate"],
                                                                       "micro_batch_size": 16})
     plan = plan_memory(p)
     planned = simulate(p, False, "none")["eval_pass"]
-    tracker = _tracker()  # the same pass on real tensors
-    model = planned_model(p).to_empty(device="cpu").eval()
-    with tracker:
-        eval_pass(model, 16, p.cfg.data.seq_len)
-    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    real = peak["Total"] - sum(v for k, v in peak.items() if str(getattr(k, "value", k)) in ("Parameter", "Buffer"))
+    model = planned_model(p).to_empty(device="cpu").eval()  # the same pass on real tensors
+    real = _peak_transient(lambda _: eval_pass(model, 16, p.cfg.data.seq_len))
     assert planned == pytest.approx(real, rel=0.05) and planned > 16 * p.cfg.data.seq_len * p.model_config.vocab_size
     assert plan["phases"]["evaluation"] > plan["phases"]["optimizer step"]
 
