@@ -107,6 +107,23 @@ def worker(config: str, out_dir: str) -> int:
             setattr(engine, name, wrapped)
         return ref
 
+    # Each evaluation (the twin's, before, after) is a phase of its own; the twin's load counts to it.
+    from dsunlearn.eval import runner
+    evaluate_model = runner.evaluate_model
+
+    def evaluate(*a, **k):
+        before = memory_bytes()
+        reset_peak()
+        out = evaluate_model(*a, **k)
+        now = memory_bytes()
+        peaks = marks.setdefault("parts", {})
+        for key in ("VmHWM", "cuda_peak"):
+            if key in now:
+                peaks[f"evaluation_{key}"] = max(peaks.get(f"evaluation_{key}", 0), now[key], before[key])
+        reset_peak()
+        return out
+    runner.evaluate_model = evaluate
+
     start = time.perf_counter()
     code = loop.unlearn(cfg, str(ZERO_GPU if torch.cuda.is_available() else ZERO), reference_factory=factory)
     marks["train"] = memory_bytes()
@@ -120,12 +137,14 @@ def worker(config: str, out_dir: str) -> int:
 
 def run_config(world: dict, mode: str, run_dir: Path, args) -> dict:
     adapter = {"adapter": {"rank": args.lora_rank}} if mode == "adapters_off" else {}
+    evaluation = {"splits": ["forget", "approximate"], "micro_batch_size": args.eval, "max_chunks": 8,
+                  "retrained_model": world["model"], "split_check": False} if args.eval else {"splits": []}
     return adapter | {"model": {"path": world["model"]},
-            "data": {k: world[k] for k in ("forget", "retain")} | {"seq_len": args.seq_len},
+            "data": {k: world[k] for k in ("forget", "retain", "approximate")} | {"seq_len": args.seq_len},
             "method": {"name": "ga_kl"}, "reference": {"mode": mode, "topk": args.topk},
             "train": {"micro_batch_size": args.micro_batch_size, "num_steps": args.steps, "lr": 1e-5,
                       "warmup_ratio": 0.0, "activation_checkpointing": args.activation_checkpointing},
-            "eval": {"splits": []}, "output": {"run_dir": str(run_dir), "save_model": False}}
+            "eval": evaluation, "output": {"run_dir": str(run_dir), "save_model": False}}
 
 
 def planned(cfg_path: Path, ranks: int, zero: Path) -> dict:
@@ -173,6 +192,9 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="GPU ranks, ds_configs/zero3.json (bf16); measured: "
                                                        "torch.cuda.max_memory_allocated above the baseline")
     ap.add_argument("--measure-only", action="store_true", help="run and keep the measurements; no plan, no table")
+    ap.add_argument("--eval", type=int, default=0, metavar="CHUNKS",
+                    help="evaluate (forget and approximate splits, the model itself as the retrained twin) at this "
+                         "eval.micro_batch_size, and compare the evaluation phase too; 0 = no evaluation")
     ap.add_argument("--reuse", action="store_true", help="reuse measured marks of an earlier run of the same label")
     args, _ = ap.parse_known_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
     if args.worker:
@@ -185,7 +207,7 @@ def main() -> None:
         world = build_world(work / f"world_{size}", hidden, layers, args.vocab, args.seq_len, num_docs=8)
         for mode in args.modes:
             label = (f"{size}_{mode}_r{args.ranks}{'_ac' if args.activation_checkpointing else ''}"
-                     f"{'_gpu' if args.gpu else ''}")
+                     f"{f'_eval{args.eval}' if args.eval else ''}{'_gpu' if args.gpu else ''}")
             cfg_path, marks = measure(world, mode, work, label, args)
             print(f"{label}: measured", file=sys.stderr)
             if not args.measure_only:
@@ -200,17 +222,19 @@ def main() -> None:
           f"{'on' if args.activation_checkpointing else 'off'}. Memory above each rank's baseline, max over ranks, "
           f"MiB.\n`{command.strip()}`\n")
     print("| model | θ0 | build: plan / measured | θ0 build: plan / measured | forward/backward: plan / measured | "
-          "optimizer step: plan / measured | peak: plan / measured | plan / measured |")
-    print("|---|---|---|---|---|---|---|---|")
+          "optimizer step: plan / measured | " + ("evaluation: plan / measured | " if args.eval else "") +
+          "peak: plan / measured | plan / measured |")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.eval else ""))
     for world, size, mode, plan, marks in rows:
         def above(phase: str) -> float:
             key, base = ("cuda_peak", "cuda") if args.gpu else ("VmHWM", "VmRSS")
-            if phase in ("forward/backward", "optimizer step"):
-                parts = ("forward", "backward") if phase == "forward/backward" else ("step",)
+            if phase in ("forward/backward", "optimizer step", "evaluation"):
+                parts = {"forward/backward": ("forward", "backward"), "optimizer step": ("step",),
+                         "evaluation": ("evaluation",)}[phase]
                 return max(m["parts"][f"{part}_{key}"] - m["baseline"][base] for m in marks.values()
                            for part in parts) / MIB
             return max(m[phase][key] - m["baseline"][base] for m in marks.values()) / MIB
-        names = ("engine", "reference", "forward/backward", "optimizer step")
+        names = ("engine", "reference", "forward/backward", "optimizer step") + (("evaluation",) if args.eval else ())
         phases = plan["phases"]
         measured = {ph: above(ph) for ph in names}
         peak = max(measured.values())

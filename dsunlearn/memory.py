@@ -13,7 +13,7 @@ A run peaks in one of its phases, each planned on its own; the plan's peak is th
   gradients until they are reduced (theta_0's no-grad forward included when it runs each micro-step).
 - ``optimizer step``: every model state, theta_0's weights, and the step's temporaries.
 - ``evaluation`` (when ``eval.splits`` has any): a no-grad forward at ``eval.micro_batch_size`` and every per-chunk
-  statistic, with the run's engines in memory.
+  statistic, with the run's engines in memory, and the retrained twin's (``eval.retrained_model``) while it is scored.
 - ``relearn audit`` (``eval.audits``): the audit's full fine-tune of the exported model (every weight, also after a
   LoRA run) on ``audit.relearn_batch_size`` chunks, after the run's engines are released.
 
@@ -410,7 +410,10 @@ def _phases(counts: ModelCounts, adapter_params: int, ds_config: dict, world_siz
         "optimizer step": resident + transient["optimizer_step"],
     }
     if transient.get("eval_pass"):  # evaluations run the trained engine without gradients, θ0 still in memory
-        phases["evaluation"] = resident + gathered + transient["eval_pass"]
+        # The retrained twin is scored first, as a frozen engine of its own beside the run's.
+        twin = width * (counts.total - adapter_params) // (world_size if stage == 3 else 1) \
+            if transient.get("twin") else 0
+        phases["evaluation"] = resident + gathered + transient["eval_pass"] + twin
     return terms, phases
 
 
@@ -466,6 +469,7 @@ def plan_memory(p, device_memory: Optional[int] = None) -> dict:
             transient = {"step": 0, "theta0_pass": 0, "eval_pass": 0, "optimizer_step": step}
         if method.precomputed:
             transient["labels_pass"] = transient["theta0_pass"]
+        transient["twin"] = bool(cfg.eval.retrained_model)
         terms, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, transient)
         if audit is not None:
             phases["relearn audit"] = audit
@@ -540,7 +544,8 @@ def fit(plan: dict, variants: dict, counts: ModelCounts, adapter_params: int, p,
     if not chosen:
         candidates.append(("set train.activation_checkpointing to true", variants[True]["peak_bytes"]))
     if needs and mode == "engine" and "incomplete" not in plan:
-        transient = simulate(p, chosen, "cache") | {"optimizer_step": variants[chosen]["transient"]["optimizer_step"]}
+        transient = simulate(p, chosen, "cache") | {k: variants[chosen]["transient"][k] for k in ("optimizer_step",
+                                                                                                "twin")}
         transient["labels_pass"] = variants[chosen]["transient"].get("labels_pass", 0)
         _, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, "cache", needs, transient)
         candidates.append(('set reference.mode to "cache"', peak_of(phases)))

@@ -219,6 +219,7 @@ class Evaluator:
             self.retrained["distance"] = distance_to_retraining(self.retrained, self.retrained)  # PrivLeak 0: the scale
             # The retrained model's per-chunk loss calibrates the reference-model attack on the trained one.
             self.ref_nll = {n: torch.tensor(v, dtype=torch.float64) for n, v in self.retrained["chunk_loss"].items()}
+            E.release_engine(frozen)
             del frozen
         # A later removal request (chain.py): the chain's original model is the reference for the target and for
         # utility, so a chain cannot drift away from it one tolerated step at a time.
@@ -226,6 +227,7 @@ class Evaluator:
         if original_model:
             frozen, _handle = load_frozen(cfg, ds_config, original_model)
             self.original = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=False)
+            E.release_engine(frozen)
             del frozen
         if resume_step is not None:
             self._load_state(resume_step)

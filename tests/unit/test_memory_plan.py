@@ -290,3 +290,32 @@ def test_evaluation_and_the_relearn_audit_are_phases_of_their_own(toy_world, tmp
     tight = plan_memory(_prepared(toy_world, tmp_path, audit={"relearn_batch_size": 32}, **audited),
                         device_memory=int(small["peak_bytes"] / (1 - HEADROOM)) + 2**20)
     assert not tight["fits"] and tight["first_knob"].startswith("set audit.relearn_batch_size to 1")
+
+
+def test_the_twin_scored_before_training_is_freed_before_training(toy_world, tmp_path, monkeypatch):
+    """The retrained twin is a frozen engine scored once at the start; DeepSpeed's hooks and module stack kept its
+    weight partitions alive through the whole run until ``engine.release_engine`` (measured: a whole fp32 partition
+    per rank)."""
+    import weakref
+    from dsunlearn import loop
+    from dsunlearn.eval import runner
+    partitions, alive_at_step = [], []
+    real_load, real_step = runner.load_frozen, loop.train_step
+
+    def load_frozen(*a, **k):
+        engine, handle = real_load(*a, **k)
+        partitions.extend(weakref.ref(q.ds_tensor) for q in engine.module.parameters())
+        return engine, handle
+
+    def train_step(run, step):
+        import gc
+        gc.collect()
+        alive_at_step.append(sum(r() is not None for r in partitions))
+        return real_step(run, step)
+    monkeypatch.setattr(runner, "load_frozen", load_frozen)
+    monkeypatch.setattr(loop, "train_step", train_step)
+    cfg = write_run_config(tmp_path / "run.json", toy_world, tmp_path / "run", method={"name": "ga_gd"},
+                           train={"num_steps": 1}, eval={"retrained_model": toy_world["model"], "max_chunks": 4,
+                                                         "split_check": False})
+    assert loop.unlearn(load_run_config(str(cfg)), CPU_ZERO3) == 0
+    assert partitions and alive_at_step == [0]
