@@ -109,7 +109,7 @@ def model_states(counts: ModelCounts, ds_config: dict, world_size: int) -> dict[
     stage, dtype = zero_stage(ds_config), precision(ds_config)
     zero = ds_config.get("zero_optimization", {})
     offload_optimizer, offload_params = _offload(zero, "offload_optimizer"), _offload(zero, "offload_param")
-    n, nt, frozen = counts.total, counts.trainable, counts.total - counts.trainable
+    nt, frozen = counts.trainable, counts.total - counts.trainable
     fp32 = dtype == "fp32"
     width = 4 if fp32 else 2
     grad_width = 4 if fp32 or ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32" else 2
@@ -160,11 +160,11 @@ def gathered_parameters(counts: ModelCounts, ds_config: dict, world_size: int) -
 # ---------------------------------------------------------------------------------------------------------------------
 # Transient memory: one micro-step on fake tensors
 
-def _fake_batches(method, cfg, streams: Optional[list] = None) -> dict[str, dict]:
+def _fake_batches(method, cfg) -> dict[str, dict]:
     """Full-length chunks for every stream (the worst case), with the method's precomputed label fields."""
     t, seq = cfg.train, cfg.data.seq_len
     out = {}
-    for name in streams or method.streams:
+    for name in method.streams:
         b = method.stream_batch_size(name, t)
         batch = {"input_ids": torch.zeros(b, seq, dtype=torch.long), "attention_mask": torch.ones(b, seq, dtype=torch.long),
                  "labels": torch.zeros(b, seq, dtype=torch.long), "row": torch.arange(b)}
@@ -217,38 +217,33 @@ def with_layers(config, num_layers: int):
     return config
 
 
-def simulate(p, activation_checkpointing: bool, reference_mode: str) -> dict[str, int]:
+def simulate(p, activation_checkpointing: bool, reference_mode: str, no_grad_passes: bool = True) -> dict[str, int]:
     """Transient bytes of ``p``'s run (a ``prepare.Prepared``): ``step`` (one micro-step, theta_0's forward included
     when it runs every micro-step) and ``theta0_pass`` (one batch of the cache or precomputed-label pass).
 
     A model deeper than ``EXTRAPOLATE_FROM[1]`` layers is simulated at those two depths and extrapolated linearly
     (exact for identical layers; ``tests/unit/test_memory_plan.py``), unless the method picks layers by index
-    (RMU's hidden state and trained matrices), which needs the whole model."""
+    (RMU's hidden state and trained matrices), which needs the whole model. ``no_grad_passes=False`` leaves out
+    ``theta0_pass`` and ``eval_pass`` (0): checkpointing does not change them, so the second variant reuses them."""
     depth = _num_layers(p.model_config)
     lo, hi = EXTRAPOLATE_FROM
     if depth is None or depth <= hi or p.method.needs_hidden_states or p.method.trainable_params:
-        return simulate_depth(p, p.model_config, activation_checkpointing, reference_mode)
-    at = {n: simulate_depth(p, with_layers(p.model_config, n), activation_checkpointing, reference_mode)
-          for n in (lo, hi)}
+        return simulate_depth(p, p.model_config, activation_checkpointing, reference_mode, no_grad_passes)
+    at = {n: simulate_depth(p, with_layers(p.model_config, n), activation_checkpointing, reference_mode,
+                            no_grad_passes) for n in (lo, hi)}
     return {k: at[lo][k] + (depth - lo) * (at[hi][k] - at[lo][k]) // (hi - lo) for k in at[lo]}
 
 
-def simulate_depth(p, model_config, activation_checkpointing: bool, reference_mode: str) -> dict[str, int]:
+def simulate_depth(p, model_config, activation_checkpointing: bool, reference_mode: str,
+                   no_grad_passes: bool = True) -> dict[str, int]:
     """``simulate`` for one model config, every layer run."""
     import warnings
     from torch._subclasses.fake_tensor import FakeTensorMode
     from . import engine as E
-    from .adapter import apply_adapter
-    from .cost import meta_model
-    from .methods import select_trainable
     from .reference import AdaptersOffReference, EngineReference, _check_needs
 
     cfg, method = p.cfg, p.method
-    model = meta_model(model_config).to(E.torch_dtype(p.ds_config))
-    if cfg.adapter.rank > 0:
-        model = apply_adapter(model, cfg.adapter, method.trainable_params, seed=cfg.train.seed)
-    else:
-        select_trainable(model, method)
+    model = planned_model(p, model_config, E.torch_dtype(p.ds_config))
     needs, hidden_index = _check_needs(method)
     result = {"step": 0, "theta0_pass": 0, "eval_pass": 0}
     with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True):
@@ -261,13 +256,13 @@ def simulate_depth(p, model_config, activation_checkpointing: bool, reference_mo
             if q.requires_grad:  # ZeRO reduces each gradient into its partition as soon as it is complete
                 q.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
         batches = _fake_batches(method, cfg)
-        passes = {n: k for n, k in {**needs, **method.precomputed}.items()}
+        passes = {**needs, **method.precomputed} if no_grad_passes else {}
         if passes:
             model.eval()
             reference = EngineReference(model, {n: "logits" if k not in ("seq_logprob", "hidden") else k
                                                  for n, k in passes.items()}, hidden_index)
             result["theta0_pass"] = _peak_transient(lambda _: reference.outputs_for(batches, torch.device("cpu")))
-        if cfg.eval.splits:
+        if cfg.eval.splits and no_grad_passes:
             model.eval()
             result["eval_pass"] = _peak_transient(lambda _: eval_pass(model, cfg.eval.micro_batch_size,
                                                                       cfg.data.seq_len))
@@ -338,13 +333,16 @@ class _Fixed:
 # ---------------------------------------------------------------------------------------------------------------------
 # The plan
 
-def planned_model(p) -> torch.nn.Module:
+def planned_model(p, model_config=None, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """The model as the run trains it, on the meta device: LoRA adapters applied, or the method's frozen parameters
-    marked."""
+    marked. ``model_config``: another depth of ``p.model_config``; ``dtype``: the weights' dtype, set before the
+    adapters are added (as loading does), so peft keeps its own dtype for them."""
     from .adapter import apply_adapter
     from .cost import meta_model
     from .methods import select_trainable
-    model = meta_model(p.model_config)
+    model = meta_model(model_config or p.model_config)
+    if dtype is not None:
+        model = model.to(dtype)
     if p.cfg.adapter.rank > 0:
         return apply_adapter(model, p.cfg.adapter, p.method.trainable_params, seed=p.cfg.train.seed)
     select_trainable(model, p.method)
@@ -388,9 +386,9 @@ def _phases(counts: ModelCounts, adapter_params: int, ds_config: dict, world_siz
     states = model_states(counts, ds_config, world_size)
     offload_optimizer = _offload(ds_config.get("zero_optimization", {}), "offload_optimizer") and stage > 0
     moments = 0 if offload_optimizer else 8 * counts.trainable // (world_size if stage > 0 else 1)
-    theta0 = 0
-    if needs_theta0 and mode == "engine":
-        theta0 = width * (counts.total - adapter_params) // (world_size if stage == 3 else 1)
+    # A frozen copy of the model (θ0 as an engine, the twin): its weight partition, no adapters.
+    frozen_copy = width * (counts.total - adapter_params) // (world_size if stage == 3 else 1)
+    theta0 = frozen_copy if needs_theta0 and mode == "engine" else 0
     # DeepSpeed's largest-layer term (weights and gradient) is replaced by the gathered weights and the simulated
     # step's gradients.
     gathered = gathered_parameters(counts, ds_config, world_size)
@@ -411,8 +409,7 @@ def _phases(counts: ModelCounts, adapter_params: int, ds_config: dict, world_siz
     }
     if transient.get("eval_pass"):  # evaluations run the trained engine without gradients, θ0 still in memory
         # The retrained twin is scored first, as a frozen engine of its own beside the run's.
-        twin = width * (counts.total - adapter_params) // (world_size if stage == 3 else 1) \
-            if transient.get("twin") else 0
+        twin = frozen_copy if transient.get("twin") else 0
         phases["evaluation"] = resident + gathered + transient["eval_pass"] + twin
     return terms, phases
 
@@ -463,7 +460,12 @@ def plan_memory(p, device_memory: Optional[int] = None) -> dict:
                 incomplete = (f"the relearning audit could not be run on fake tensors ({type(e).__name__}: "
                               f"{str(e)[:200]})")
         try:
-            transient = simulate(p, checkpointing, mode) | {"optimizer_step": step}
+            if checkpointing:  # the no-grad passes are the same as in the first variant
+                passes = {k: variants[False]["transient"][k] for k in ("theta0_pass", "eval_pass")}
+                transient = simulate(p, checkpointing, mode, no_grad_passes=False) | passes
+            else:
+                transient = simulate(p, checkpointing, mode)
+            transient["optimizer_step"] = step
         except Exception as e:  # an op without a fake-tensor kernel in some model's code: plan what is known
             incomplete = f"the micro-step could not be run on fake tensors ({type(e).__name__}: {str(e)[:200]})"
             transient = {"step": 0, "theta0_pass": 0, "eval_pass": 0, "optimizer_step": step}
