@@ -14,8 +14,12 @@ micro-step over the streams that need it (``reference.AdaptersOffReference``). D
 layer alone, so these outputs are the original model's exactly (tested bit for bit).
 
 Export: the adapters are folded into the weights they sit beside, ``W' = W + (alpha / r) B A`` (transposed for GPT-2's
-Conv1D), and the model is written as plain safetensors that load with ``AutoModelForCausalLM`` and no peft
-(``merged_state_dict``); ``adapter.save_adapter`` also writes the adapter alone in peft's format.
+Conv1D and for an embedding table, whose peft adapter is ``lora_embedding_A`` [r, vocab] and ``lora_embedding_B``
+[dim, r]), and the model is written as plain safetensors that load with ``AutoModelForCausalLM`` and no peft
+(``merged_state_dict``, the same weights as peft's ``merge_and_unload``); ``adapter.save_adapter`` also writes the
+adapter alone in peft's format. A layer whose weight is tied to another (an input embedding shared with the LM head)
+takes no adapter (``check_adapter``): the adapter trains on one of the two uses only, and folding it into the one
+shared matrix changes the other too (what ``merge_and_unload`` does), so no merged model equals the trained one.
 """
 from __future__ import annotations
 
@@ -49,17 +53,30 @@ def target_modules(model: torch.nn.Module, adapter: AdapterConfig, trainable_pat
 
 def check_adapter(model_config, adapter: AdapterConfig, trainable_pattern: Optional[str] = None) -> None:
     """Before any weights load (``prepare``): every ``adapter.target_modules`` entry names a module of the model (peft
-    matches a full name or a ``.``-separated suffix), and the default targets exist."""
+    matches a full name or a ``.``-separated suffix), the default targets exist, and no target's weight is tied to
+    another module's (``tie_word_embeddings``: the embedding and the LM head share one matrix, see the module
+    docstring)."""
     from .cost import meta_model
     model = meta_model(model_config)
     names = [n for n, _ in model.named_modules() if n]
     targets = target_modules(model, adapter, trainable_pattern)
     if isinstance(targets, str):
         return
+    owners: dict[int, list[str]] = {}  # every name of each parameter: a tied matrix has several
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n.removesuffix(".weight"))
+    tied = {n: [o for o in group if o != n] for group in owners.values() if len(group) > 1 for n in group}
     for key in targets:
-        if not any(n == key or n.endswith("." + key) for n in names):
+        matched = [n for n in names if n == key or n.endswith("." + key)]
+        if not matched:
             raise ConfigError(f"adapter.target_modules: no module of the model is named {key!r} (e.g. "
                               f"{', '.join(n for n in names if n.count('.') >= 3)[:160]}...)")
+        for name in matched:
+            if name in tied:
+                raise ConfigError(f"adapter.target_modules: {key!r} selects {name}, whose weight is tied to "
+                                  f"{', '.join(tied[name])} (tie_word_embeddings): its adapter cannot be merged into "
+                                  f"the shared matrix without changing {tied[name][0]} too; leave it out, or untie the "
+                                  f"model's embeddings")
 
 
 def apply_adapter(model: torch.nn.Module, adapter: AdapterConfig, trainable_pattern: Optional[str] = None,
@@ -103,8 +120,9 @@ def _fan_in_fan_out(model: torch.nn.Module) -> set[str]:
 
 def merged_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict of a peft model (``model``, for its LoRA settings) with every adapter folded in and peft's
-    names undone: ``...q_proj.base_layer.weight`` + ``lora_B @ lora_A * alpha / r`` -> ``...q_proj.weight``. The
-    arithmetic is in fp32, the result in the weight's dtype."""
+    names undone: ``...q_proj.base_layer.weight`` + ``lora_B @ lora_A * alpha / r`` -> ``...q_proj.weight``
+    (an embedding: ``+ (lora_embedding_B @ lora_embedding_A).T * alpha / r``). The arithmetic is in fp32, the result
+    in the weight's dtype."""
     lora_layers = {f"{name}.": module for name, module in model.named_modules()
                    if hasattr(module, "base_layer") and hasattr(module, "lora_A")}
     transposed = _fan_in_fan_out(model)
@@ -115,11 +133,16 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Modul
         if key.endswith(".base_layer.weight"):
             prefix = key[: -len("base_layer.weight")]
             layer = lora_layers[prefix]
-            a = state_dict[f"{prefix}lora_A.{ADAPTER_NAME}.weight"].float()
-            b = state_dict[f"{prefix}lora_B.{ADAPTER_NAME}.weight"].float()
-            delta = (b @ a) * layer.scaling[ADAPTER_NAME]
-            if prefix in transposed:
-                delta = delta.t()
+            if ADAPTER_NAME in getattr(layer, "lora_embedding_A", {}):  # peft's Embedding: the table is [vocab, dim]
+                a = state_dict[f"{prefix}lora_embedding_A.{ADAPTER_NAME}"].float()  # [r, vocab]
+                b = state_dict[f"{prefix}lora_embedding_B.{ADAPTER_NAME}"].float()  # [dim, r]
+                delta = (b @ a).t() * layer.scaling[ADAPTER_NAME]  # peft's Embedding.get_delta_weight
+            else:
+                a = state_dict[f"{prefix}lora_A.{ADAPTER_NAME}.weight"].float()
+                b = state_dict[f"{prefix}lora_B.{ADAPTER_NAME}.weight"].float()
+                delta = (b @ a) * layer.scaling[ADAPTER_NAME]
+                if prefix in transposed:
+                    delta = delta.t()
             value = (value.float() + delta).to(value.dtype)
         out[key.replace(".base_layer.", ".")] = value
     return {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in out.items()}

@@ -10,9 +10,9 @@ import torch
 
 from dsunlearn import loop
 from dsunlearn import reference as R
-from dsunlearn.adapter import adapters_disabled, apply_adapter, merged_state_dict
+from dsunlearn.adapter import adapters_disabled, apply_adapter, check_adapter, merged_state_dict
 from dsunlearn.cli import main
-from dsunlearn.config import AdapterConfig, RunConfig, from_dict
+from dsunlearn.config import AdapterConfig, ConfigError, RunConfig, from_dict
 from dsunlearn.methods import METHODS, build_method, term_weights
 from dsunlearn.methods.terms import chunk_nll
 from helpers import CPU_ZERO3, write_run_config
@@ -75,6 +75,60 @@ def test_merged_state_dict_equals_the_adapted_model():
             want, got = _logits(adapted, ids), _logits(fresh.eval(), ids)
             assert torch.allclose(got, want, atol=1e-5), (type(config).__name__, (got - want).abs().max())
             assert not torch.allclose(got, _logits(plain.eval(), ids), atol=1e-3)
+
+
+def _tiny_llama(tied):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, tie_word_embeddings=tied)
+
+
+def _tiny_gpt2(tied):
+    from transformers import GPT2Config
+    return GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=32, tie_word_embeddings=tied)
+
+
+@pytest.mark.parametrize("config, targets", [
+    (_tiny_llama(tied=False), ("embed_tokens", "q_proj")),
+    (_tiny_gpt2(tied=False), ("wte", "wpe", "c_attn")),  # Conv1D beside the embeddings
+    (_tiny_gpt2(tied=True), ("wpe", "c_attn")),  # the position table is never tied
+], ids=["llama", "gpt2", "gpt2-tied-wte-positions"])
+def test_merged_state_dict_of_adapted_embeddings_equals_peft_merge_and_unload(config, targets):
+    """An embedding's peft adapter is lora_embedding_A [r, vocab] / lora_embedding_B [dim, r]: the export folds it in
+    as peft's own merge does (the same weights, key for key), and the merged model computes the adapted one."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config).eval()
+    adapter = AdapterConfig(rank=4, alpha=8.0, target_modules=targets)
+    check_adapter(config, adapter)
+    adapted = apply_adapter(copy.deepcopy(plain), adapter)
+    _randomise_adapters(adapted)
+    assert any(".lora_embedding_B." in n for n, _ in adapted.named_parameters())
+    merged = merged_state_dict(adapted.state_dict(), adapted)
+    want = copy.deepcopy(adapted).merge_and_unload().state_dict()
+    assert set(merged) == set(want)
+    for k in want:
+        assert torch.allclose(merged[k], want[k], atol=1e-6), k
+    changed = {k for k in want if not torch.equal(want[k], plain.state_dict()[k])}
+    assert {k.rsplit(".", 2)[-2] for k in changed} == set(targets)  # the adapted weights, nothing else
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(merged)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(_logits(fresh.eval(), ids), _logits(adapted, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("config, target, tied_to", [
+    (_tiny_llama(tied=True), "embed_tokens", "lm_head"),
+    (_tiny_llama(tied=True), "lm_head", "model.embed_tokens"),
+    (_tiny_gpt2(tied=True), "wte", "lm_head"),
+])
+def test_check_adapter_refuses_a_layer_tied_to_another(config, target, tied_to):
+    """A tied embedding/LM head has no merged model that equals the trained one (peft's merge_and_unload changes both
+    uses of the shared matrix): refused before launch, in one line."""
+    with pytest.raises(ConfigError, match=f"tied to {tied_to}") as e:
+        check_adapter(config, AdapterConfig(rank=4, target_modules=(target,)))
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("name", list(STEP_CASES))
@@ -157,6 +211,36 @@ def test_lora_run_under_zero3_exports_merged_weights_and_the_adapter(world, tmp_
     assert not torch.equal(m["model.layers.0.self_attn.q_proj.weight"], o["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_lora_run_on_an_embedding_under_zero3_exports_it_merged(toy_world, tmp_path):
+    """An adapter on the input embedding of an untied model, trained and exported through the real engine (ZeRO-3's
+    consolidated state dict): the merged model equals the original plus the exported adapter (peft); the LM head is
+    the original's bit for bit."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from dsunlearn.config import load_run_config
+    model = AutoModelForCausalLM.from_pretrained(toy_world["model"])
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    untied = tmp_path / "untied"
+    model.save_pretrained(untied)
+    AutoTokenizer.from_pretrained(toy_world["model"]).save_pretrained(untied)
+    cfg = write_run_config(tmp_path / "run.json", {**toy_world, "model": str(untied)}, tmp_path / "run",
+                           method={"name": "ga_kl"}, train={"num_steps": 3, "lr": 1e-2},
+                           adapter={"rank": 4, "alpha": 8.0, "save_adapter": True,
+                                    "target_modules": ["embed_tokens", "q_proj"]})
+    assert loop.unlearn(load_run_config(str(cfg)), CPU_ZERO3) == 0
+    run = tmp_path / "run"
+    merged = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    original = AutoModelForCausalLM.from_pretrained(untied).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(untied), run / "adapter").eval()
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(_logits(merged, ids), _logits(with_adapter, ids), atol=1e-5)
+    m, o = merged.state_dict(), original.state_dict()
+    assert not torch.equal(m["model.embed_tokens.weight"], o["model.embed_tokens.weight"])
+    assert torch.equal(m["lm_head.weight"], o["lm_head.weight"])
+
+
 def test_lora_flops_per_step():
     from dsunlearn.cost import ModelShape, Pass, step_flops
     shape = ModelShape(num_params=1000, num_embedding_params=200, num_layers=2, hidden_size=8, vocab_size=25,
@@ -171,6 +255,7 @@ def test_lora_flops_per_step():
     ("adapter.rank=-1", "adapter.rank"),
     ("adapter.dropout=1.5", "adapter.dropout"),
     ("adapter.target_modules=[\"no_such_layer\"]", "adapter.target_modules"),
+    ("adapter.target_modules=[\"embed_tokens\"]", "tied to lm_head"),  # the toy model ties its embeddings
 ])
 def test_bad_adapter_config_is_one_line_and_exit_2(toy_world, tmp_path, capsys, override, fragment):
     cfg = write_run_config(tmp_path / "run.json", toy_world, tmp_path / "run", adapter={"rank": 0})
