@@ -218,8 +218,8 @@ class AuditConfig:
     quantize_bits: tuple = (8, 4)
     """Quantization audit: weight bit widths (round-to-nearest, symmetric, weight-only; torchao)."""
     quantize_group_size: int = 128
-    """Weights per quantization scale along the input dimension (a matrix whose width it does not divide uses the
-    greatest common divisor)."""
+    """Weights per quantization scale along the input dimension, >= 2 (a matrix whose width it does not divide gets one
+    scale per row; the audit counts the matrices per group size used)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -481,7 +481,10 @@ def validate(cfg: RunConfig) -> None:
         (bool(a.relearn_data), "audit.relearn_data: expected \"forget\", \"retain\", \"general\" or a JSONL path"),
         (all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8 for b in a.quantize_bits),
          f"audit.quantize_bits: expected integers from 2 to 8, got {list(a.quantize_bits)}"),
-        (a.quantize_group_size >= 1, "audit.quantize_group_size: expected >= 1"),
+        (isinstance(a.quantize_group_size, int) and not isinstance(a.quantize_group_size, bool)
+         and a.quantize_group_size >= 2,
+         f"audit.quantize_group_size: expected an integer >= 2 (torchao refuses a scale per weight), got "
+         f"{a.quantize_group_size!r}"),
     ]
     for ok, message in checks:
         if not ok:

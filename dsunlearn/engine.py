@@ -397,17 +397,26 @@ def _destroy(engine) -> None:
 
 
 def release_engine(engine) -> None:
-    """Free one engine (a frozen model scored once: the retrained twin, a chain's original) while the run's engines
-    stay in use. Without it the engine's weight shards stay alive for the whole run, held by DeepSpeed's hooks and
-    module stack (``release_engines``): measured +508 MiB per rank through every training step at 133M parameters in
-    fp32 (benchmarks/RESULTS.md section 10)."""
-    import gc
+    """Unhook one engine (a frozen model scored once: the retrained twin, a chain's original) while the run's engines
+    stay in use; its memory is freed once the caller has dropped its last reference to it and ``collect`` has run
+    (``eval.runner.frozen_engine`` does all three). Without it the engine's weight shards stay alive for the whole run,
+    held by DeepSpeed's hooks and module stack (``release_engines``): measured +508 MiB per rank through every
+    training step at 133M parameters in fp32 (benchmarks/RESULTS.md section 10)."""
     _destroy(engine)
     with contextlib.suppress(ImportError, AttributeError):
         from deepspeed.runtime.zero import parameter_offload
         stack = parameter_offload.FWD_MODULE_STACK
         stack[:] = [m for m in stack if m is not engine.module]
+
+
+def collect() -> None:
+    """Free what released engines left behind: a garbage collection (an engine is a web of reference cycles, so
+    dropping the last reference is not enough), then the accelerator's cache."""
+    import gc
     gc.collect()
+    with contextlib.suppress(Exception):  # accelerators without a cache (CPU)
+        from deepspeed.accelerator import get_accelerator
+        get_accelerator().empty_cache()
 
 
 def release_engines() -> int:
@@ -435,8 +444,5 @@ def release_engines() -> int:
     with contextlib.suppress(ImportError, AttributeError):
         from deepspeed.runtime.zero import parameter_offload
         parameter_offload.FWD_MODULE_STACK.clear()
-    gc.collect()
-    with contextlib.suppress(Exception):  # accelerators without a cache (CPU)
-        from deepspeed.accelerator import get_accelerator
-        get_accelerator().empty_cache()
+    collect()
     return len(live())

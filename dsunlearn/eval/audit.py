@@ -20,18 +20,19 @@ and the audit fails when the model gets there in fewer steps than the baseline (
 ``audit.relearn_steps``). Nothing is written to the model directories: the fine-tune lives in memory only.
 
 **Quantization.** Every linear layer's weight is rounded to the nearest point of a symmetric b-bit grid with one scale
-per ``audit.quantize_group_size`` inputs (torchao's ``IntxWeightOnlyConfig``: round-to-nearest, weight-only). A
-weight-only quantized layer dequantizes before its matmul, so scoring the dequantized weights is what the quantized
-model computes, and the same ZeRO-3 engines score it. Every split loss and attack is rerun for the model and the twin
-at each width. The audit fails when, at some width, the strongest attack separates the forget set from unseen text
-beyond the verdict's unseen-like level (the quantized twin's strongest AUC + the band, ``eval/verdict.py``) while at
-full precision it did not.
+per ``audit.quantize_group_size`` inputs, or one per row where that does not divide the matrix's width
+(``quantization_group``; torchao's ``IntxWeightOnlyConfig``: round-to-nearest, weight-only). A weight-only quantized
+layer dequantizes before its matmul, so scoring the dequantized weights is what the quantized model computes, and the
+same ZeRO-3 engines score it; the audit counts the matrices per group size it used (``groups``). Every split loss and
+attack is rerun for the model and the twin at each width. The audit fails when, at some width, the strongest attack
+separates the forget set from unseen text beyond the verdict's unseen-like level (the quantized twin's strongest AUC +
+the band, ``eval/verdict.py``) while at full precision it did not.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -45,7 +46,7 @@ from ..logs import quiet_torchao
 from ..methods.terms import chunk_nll
 from ..prepare import Prepared, prepare, with_model
 from .report import audit_failures, audit_section
-from .runner import SCHEMA_VERSION, compact, eval_split, evaluate_model, load_frozen
+from .runner import SCHEMA_VERSION, compact, eval_split, evaluate_model, frozen_engine
 from .verdict import MEMBER_SPLIT, NONMEMBER_SPLIT, REFERENCE_ATTACK, attack_name, extreme_attacks, \
     unseen_like_levels
 
@@ -58,12 +59,23 @@ MONITOR_SECTIONS = ("tensorboard", "wandb", "csv_monitor", "comet", "flops_profi
 # ---------------------------------------------------------------------------------------------------------------------
 # Quantization
 
-def quantize_dequantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """``weight`` ([out, in]) rounded to nearest on a symmetric ``bits``-bit grid, one scale per group of inputs,
-    returned dequantized in ``weight``'s dtype. torchao does the arithmetic (``IntxWeightOnlyConfig``, per group).
+def quantization_group(in_features: int, group_size: int) -> int:
+    """The inputs per scale of a matrix ``in_features`` wide: ``group_size`` where it divides the width, otherwise the
+    whole width, one scale per row (per-channel: ``group_size=-1`` in GPTQ's and AWQ's terms). Never a smaller group
+    than configured: a group of gcd(width, group_size) (2 for a width of 50 and 128) would make a 4-bit audit nearly
+    lossless while the report claimed 128; one per row is coarser, the conservative side for an audit that asks
+    whether rounding brings the forget set back. torchao refuses a group of 1 (``config.validate`` refuses
+    ``audit.quantize_group_size=1``)."""
+    if group_size < 2:
+        raise ValueError(f"quantization group size {group_size}: expected >= 2 (torchao refuses 1)")
+    return group_size if in_features % group_size == 0 else in_features
 
-    A group is ``group_size`` inputs, or the greatest common divisor with the matrix's width when that does not divide
-    it. The error per weight is at most half a step, ``max|w_group| / (2^bits - 1)``.
+
+def quantize_dequantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``weight`` ([out, in]) rounded to nearest on a symmetric ``bits``-bit grid, one scale per group of inputs
+    (``quantization_group``: ``group_size``, or the whole row where it does not divide the width), returned
+    dequantized in ``weight``'s dtype. torchao does the arithmetic (``IntxWeightOnlyConfig``, per group). The error per
+    weight is at most half a step, ``max|w_group| / (2^bits - 1)``.
     """
     with quiet_torchao():
         from torchao.quantization import IntxWeightOnlyConfig, quantize_
@@ -73,28 +85,31 @@ def quantize_dequantize(weight: torch.Tensor, bits: int, group_size: int) -> tor
     with torch.no_grad():
         layer.weight.copy_(weight.detach().float().cpu())
     quantize_(layer, IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"),
-                                          granularity=PerGroup(math.gcd(in_features, group_size))))
+                                          granularity=PerGroup(quantization_group(in_features, group_size))))
     return layer.weight.dequantize().to(device=weight.device, dtype=weight.dtype)
 
 
-def quantize_linear_weights_(model: torch.nn.Module, bits: int, group_size: int) -> int:
+def quantize_linear_weights_(model: torch.nn.Module, bits: int, group_size: int) -> dict[int, int]:
     """Replace every linear layer's weight of ``model`` (an engine's module; ZeRO-3 partitioned or not) by its
-    quantized-dequantized value, in place. A tied weight (lm_head = embedding) is quantized once. Returns how many
-    matrices were quantized. Every rank must call this (ZeRO-3 gathers are collective)."""
+    quantized-dequantized value, in place. A tied weight (lm_head = embedding) is quantized once. Returns
+    ``{inputs per scale: number of matrices}`` (``quantization_group``).
+
+    Every rank must call this: each gathers every matrix whole and quantizes it (ZeRO-3 gathers are collective, and
+    the arithmetic is the same on every rank); under ZeRO-3 rank 0's result is what is re-partitioned, otherwise every
+    rank keeps its own identical copy."""
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer, its weight stored [in, out]
-    seen, count = set(), 0
+    seen, groups = set(), Counter()
     for module in model.modules():
         if not isinstance(module, (torch.nn.Linear, Conv1D)) or id(module.weight) in seen:
             continue
         weight = module.weight
         seen.add(id(weight))
         with E.gathered_for_update([weight]), torch.no_grad():
-            if isinstance(module, Conv1D):
-                weight.copy_(quantize_dequantize(weight.t(), bits, group_size).t())
-            else:
-                weight.copy_(quantize_dequantize(weight, bits, group_size))
-        count += 1
-    return count
+            w = weight.t() if isinstance(module, Conv1D) else weight  # [out, in]
+            groups[quantization_group(w.shape[1], group_size)] += 1
+            q = quantize_dequantize(w, bits, group_size)
+            weight.copy_(q.t() if isinstance(module, Conv1D) else q)
+    return dict(sorted(groups.items()))
 
 
 def strongest(result: dict) -> tuple[str, float]:
@@ -104,27 +119,28 @@ def strongest(result: dict) -> tuple[str, float]:
     return name, auc
 
 
-def quantized_results(cfg: RunConfig, ds_config: dict, path: str, splits: dict, pad_id: int) -> dict[str, dict]:
-    """``{"full": result, "8": result, "4": result, ...}``: the model at ``path`` scored at full precision and at each
-    width of ``audit.quantize_bits``, each from a fresh load (the weights on disk are never touched)."""
-    out = {}
+def quantized_results(cfg: RunConfig, ds_config: dict, path: str, splits: dict,
+                      pad_id: int) -> tuple[dict[str, dict], dict[str, int]]:
+    """(``{"full": result, "8": result, "4": result, ...}``, groups): the model at ``path`` scored at full precision
+    and at each width of ``audit.quantize_bits``, each from a fresh load (the weights on disk are never touched), and
+    the number of matrices per group size (``{"128": 25, "352": 4}``; every width quantizes the same matrices)."""
+    out, groups = {}, {}
     for bits in (None, *cfg.audit.quantize_bits):
-        frozen, handle = load_frozen(cfg, ds_config, path)
-        if bits is not None:
-            n = quantize_linear_weights_(frozen.module, bits, cfg.audit.quantize_group_size)
-            if E.is_main():
-                log.info("audit: %s quantized to %d bits (%d matrices)", path, bits, n)
-        out["full" if bits is None else str(bits)] = evaluate_model(frozen, splits, cfg, pad_id, mia=True)
-        frozen = handle = None
-        E.release_engines()
-    return out
+        with frozen_engine(cfg, ds_config, path) as frozen:
+            if bits is not None:
+                groups = {str(g): n for g, n in
+                          quantize_linear_weights_(frozen.module, bits, cfg.audit.quantize_group_size).items()}
+                if E.is_main():
+                    log.info("audit: %s quantized to %d bits (matrices per group size: %s)", path, bits, groups)
+            out["full" if bits is None else str(bits)] = evaluate_model(frozen, splits, cfg, pad_id, mia=True)
+    return out, groups
 
 
 def quantize_audit(cfg: RunConfig, ds_config: dict, splits: dict, pad_id: int, model_dir: str,
                    twin_dir: Optional[str]) -> dict:
     """Every split loss and attack at full precision and at each width, for the model and the twin."""
-    model = quantized_results(cfg, ds_config, model_dir, splits, pad_id)
-    twin = quantized_results(cfg, ds_config, twin_dir, splits, pad_id) if twin_dir else None
+    model, groups = quantized_results(cfg, ds_config, model_dir, splits, pad_id)
+    twin, twin_groups = quantized_results(cfg, ds_config, twin_dir, splits, pad_id) if twin_dir else (None, None)
     rows = []
     for width in model:
         result, twin_result = model[width], twin[width] if twin else None
@@ -156,6 +172,7 @@ def quantize_audit(cfg: RunConfig, ds_config: dict, splits: dict, pad_id: int, m
         finding = "not detectable at any width: " + ", ".join(
             f"{r['bits']}: AUC {r['strongest_auc']:.3f} <= {r['unseen_like_high']:.3f}" for r in rows)
     return {"bits": list(cfg.audit.quantize_bits), "group_size": cfg.audit.quantize_group_size,
+            "groups": groups, "twin_groups": twin_groups,
             "scheme": "torchao IntxWeightOnlyConfig: round-to-nearest, symmetric, per group, weight-only, every "
                       "linear layer",
             "rows": rows, "failed": bool(resurfaced), "applicable": not full["detectable"], "finding": finding,
@@ -263,13 +280,21 @@ def relearn_audit(p: Prepared, model_dir: str, twin_dir: Optional[str], original
     if a.relearn_data == MEMBER_SPLIT:
         rows, held = split_forget_documents(list(forget.chunks["doc_index"]), a.relearn_fraction, cfg.train.seed)
         held_chunks = forget.chunks.select(held)
-        data = (f"forget set: {len(set(forget.chunks.select(rows)['doc_index']))} of {forget.stats.num_documents} "
-                f"documents ({len(rows)} chunks); measured on the other {len(held)} chunks")
     else:
         rows, held_chunks = list(range(p.relearn_stream.stats.num_chunks)), forget.chunks
-        data = f"{a.relearn_data} ({len(rows)} chunks); measured on the whole forget set"
     splits = {MEMBER_SPLIT: eval_split(MEMBER_SPLIT, held_chunks, cfg, tok),
               NONMEMBER_SPLIT: eval_split(NONMEMBER_SPLIT, p.eval_streams[NONMEMBER_SPLIT].chunks, cfg, tok)}
+    # eval_split keeps a seeded sample of at most eval.max_chunks: the count said is the count scored.
+    measured = {name: len(split.input_ids) for name, split in splits.items()}
+    n, capped = measured[MEMBER_SPLIT], measured[MEMBER_SPLIT] < len(held_chunks)
+    if a.relearn_data == MEMBER_SPLIT:
+        data = (f"forget set: {len(set(forget.chunks.select(rows)['doc_index']))} of {forget.stats.num_documents} "
+                f"documents ({len(rows)} chunks); measured on "
+                + (f"{n} of the other {len(held)} chunks (eval.max_chunks)" if capped else f"the other {n} chunks"))
+    else:
+        data = (f"{a.relearn_data} ({len(rows)} chunks); measured on "
+                + (f"{n} of the forget set's {len(held_chunks)} chunks (eval.max_chunks)" if capped
+                   else f"the whole forget set ({n} chunks)"))
     rcfg = relearn_config(cfg, p.world_size)
     rds = relearn_ds_config(p.ds_config, rcfg.train.micro_batch_size, p.world_size)
     model = relearn_curve(rcfg, rds, model_dir, p.relearn_stream, rows, splits, pad_id)
@@ -277,10 +302,8 @@ def relearn_audit(p: Prepared, model_dir: str, twin_dir: Optional[str], original
     baseline_dir, baseline_split = (twin_dir, MEMBER_SPLIT) if twin_dir else (original_dir, NONMEMBER_SPLIT)
     baseline = relearn_curve(rcfg, rds, baseline_dir, p.relearn_stream, rows, splits, pad_id)
     if twin_dir:
-        frozen, handle = load_frozen(cfg, p.ds_config, original_dir)
-        original = curve_point(0, evaluate_model(frozen, splits, cfg, pad_id), None)
-        frozen = handle = None
-        E.release_engines()
+        with frozen_engine(cfg, p.ds_config, original_dir) as frozen:
+            original = curve_point(0, evaluate_model(frozen, splits, cfg, pad_id), None)
     else:  # the baseline is the original: its curve's first point (before the fine-tune) is the original scored
         original = baseline["points"][0]
     threshold, model_steps, baseline_steps, failed = relearn_outcome(
@@ -291,7 +314,8 @@ def relearn_audit(p: Prepared, model_dir: str, twin_dir: Optional[str], original
     finding = (f"held-out forget loss back within {a.relearn_within:g} of the original's ({threshold:.3f} nats): "
                f"{said(model_steps)}; {who}: {said(baseline_steps)}")
     last_model, last_base = model["points"][-1], baseline["points"][-1]
-    return {"data": data, "steps": a.relearn_steps, "lr": rcfg.train.lr, "batch_size": a.relearn_batch_size,
+    return {"data": data, "measured_chunks": measured, "held_out_chunks": len(held_chunks), "steps": a.relearn_steps,
+            "lr": rcfg.train.lr, "batch_size": a.relearn_batch_size,
             "within": a.relearn_within, "baseline": "twin" if twin_dir else "original on approximate",
             "baseline_split": baseline_split, "original": original, "threshold": threshold,
             "model_steps_to_relearn": model_steps, "baseline_steps_to_relearn": baseline_steps,

@@ -165,6 +165,19 @@ def audit_failures(audits: Optional[dict]) -> list[str]:
             if audits.get(name, {}).get("failed")]
 
 
+def quantization_groups_line(groups: Optional[dict], group_size: int) -> str:
+    """The groups the quantization audit used, from its count of matrices per group size (``audit.quantization_group``):
+    "one scale per 128 inputs: 25 matrices; one scale per row where 128 does not divide the width: 4 matrices 352
+    wide"."""
+    if not groups:  # metrics written before the audit counted its groups: only the configured size is known
+        return f"group size {group_size} configured (the groups used were not recorded)"
+    configured = groups.get(str(group_size), 0)
+    rows = [f"{n} {'matrix' if n == 1 else 'matrices'} {w} wide" for w, n in groups.items() if w != str(group_size)]
+    line = f"one scale per {group_size} inputs: {configured} {'matrix' if configured == 1 else 'matrices'}"
+    return line + (f"; one scale per row where {group_size} does not divide the width: {', '.join(rows)}" if rows
+                   else "")
+
+
 def audit_section(audits: dict, run_dir: Path) -> list[str]:
     """The report's audit section (markdown) and its relearning plot."""
     lines = ["## Audits: does the forgetting last? (docs/evaluation.md)", ""]
@@ -184,8 +197,11 @@ def audit_section(audits: dict, run_dir: Path) -> list[str]:
     q = audits.get("quantize")
     if q:
         has_twin = q["twin"] is not None
-        lines += [f"### Quantization: {audit_status(q)}", "", f"- {q['scheme']}, group size "
-                  f"{q['group_size']}", f"- {q['finding']}", "",
+        groups = quantization_groups_line(q.get("groups"), q["group_size"])
+        if has_twin and q.get("twin_groups") and q["twin_groups"] != q.get("groups"):
+            groups += f" (the twin: {quantization_groups_line(q['twin_groups'], q['group_size'])})"
+        lines += [f"### Quantization: {audit_status(q)}", "", f"- {q['scheme']}", f"- {groups}", f"- {q['finding']}",
+                  "",
                   "| weights | forget loss | Δ | strongest AUC | Δ | unseen-like ≤ |" +
                   (" twin forget loss | Δ | twin strongest AUC | Δ |" if has_twin else ""),
                   "|---|---|---|---|---|---|" + ("---|---|---|---|" if has_twin else "")]

@@ -8,8 +8,10 @@ of forwards: a rank whose shard is shorter repeats its last chunk and drops the 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -189,6 +191,24 @@ def load_frozen(cfg: RunConfig, ds_config: dict, path: str):
     return E.build_frozen_engine(model, ref_cfg), handle
 
 
+@contextlib.contextmanager
+def frozen_engine(cfg: RunConfig, ds_config: dict, path: str):
+    """``with frozen_engine(cfg, ds_config, path) as engine:`` a model directory loaded as a frozen engine
+    (``load_frozen``), freed when the block ends, also by an exception, while any other engine stays in use.
+
+    What the block gets is a weak proxy of the engine: a name bound by ``as`` outlives the block, and a strong
+    reference there would keep every weight partition alive until it is rebound (in a loop: through the next load).
+    Using it after the block raises ``ReferenceError``. The ``HfDeepSpeedConfig`` handle goes too: while it lives,
+    transformers builds every model of the process as ZeRO-3 (``engine.load_model``)."""
+    engine, handle = load_frozen(cfg, ds_config, path)
+    try:
+        yield weakref.proxy(engine)
+    finally:
+        E.release_engine(engine)
+        del engine, handle  # the last references: collect() frees the engine
+        E.collect()
+
+
 class Evaluator:
     """Evaluation inside ``unlearn``: history, TensorBoard scalars, the stop rule, best-weights export, the report.
 
@@ -214,21 +234,17 @@ class Evaluator:
         self.retrained: Optional[dict] = None
         self.ref_nll = None
         if cfg.eval.retrained_model:  # prepare() has checked the directory
-            frozen, _handle = load_frozen(cfg, ds_config, cfg.eval.retrained_model)
-            self.retrained = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=cfg.eval.mia)
+            with frozen_engine(cfg, ds_config, cfg.eval.retrained_model) as frozen:
+                self.retrained = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=cfg.eval.mia)
             self.retrained["distance"] = distance_to_retraining(self.retrained, self.retrained)  # PrivLeak 0: the scale
             # The retrained model's per-chunk loss calibrates the reference-model attack on the trained one.
             self.ref_nll = {n: torch.tensor(v, dtype=torch.float64) for n, v in self.retrained["chunk_loss"].items()}
-            E.release_engine(frozen)
-            del frozen
         # A later removal request (chain.py): the chain's original model is the reference for the target and for
         # utility, so a chain cannot drift away from it one tolerated step at a time.
         self.original = None
         if original_model:
-            frozen, _handle = load_frozen(cfg, ds_config, original_model)
-            self.original = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=False)
-            E.release_engine(frozen)
-            del frozen
+            with frozen_engine(cfg, ds_config, original_model) as frozen:
+                self.original = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=False)
         if resume_step is not None:
             self._load_state(resume_step)
 

@@ -1,5 +1,6 @@
 """`dsunlearn audit` on 2 ZeRO-3 CPU ranks gives the 1-rank figures: the relearning curve (same global batches, a
-sharded fine-tune) and the quantized scores (weights gathered, quantized on rank 0, re-partitioned)."""
+sharded fine-tune) and the quantized scores (every matrix gathered and quantized on every rank, rank 0's result
+re-partitioned), with the same groups (one scale per row where the group size does not divide the width)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ def audits(toy_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("audit_dist")
     cfg = write_run_config(root / "run.json", toy_world, root / "unused", eval={"micro_batch_size": 4},
                            audit={"relearn_steps": 3, "relearn_batch_size": 4, "quantize_bits": [4],
-                                  "quantize_group_size": 32})
+                                  "quantize_group_size": 64})  # down_proj (160 inputs): per row
     out = {}
     for ranks in (1, 2):
         args = ["audit", "--config", str(cfg), "--zero", CPU_ZERO3, "--model", toy_world["model"],
@@ -48,3 +49,4 @@ def test_two_ranks_quantized_scores_equal_one_rank(audits):
             assert b["losses"][split] == pytest.approx(loss, rel=1e-5), (a["bits"], split)
         assert b["strongest_auc"] == pytest.approx(a["strongest_auc"], abs=1e-9)
     assert one["rows"][1]["loss_change"]["forget"] != 0  # 4-bit weights really were scored
+    assert two["groups"] == one["groups"] == {"64": 13, "160": 2}

@@ -2,6 +2,7 @@
 relearning decision, and `dsunlearn audit` end to end on the toy world (one process)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from dsunlearn.cli import main
-from dsunlearn.eval.audit import (quantize_dequantize, quantize_linear_weights_, relearn_outcome,
+from dsunlearn.eval.audit import (quantization_group, quantize_dequantize, quantize_linear_weights_, relearn_outcome,
                                   split_forget_documents)
 from helpers import CPU_ZERO3, write_run_config
 
@@ -35,13 +36,62 @@ def test_quantized_weights_are_on_the_grid_and_within_half_a_step(bits):
     assert not torch.equal(q, weight)
 
 
-def test_group_size_falls_back_to_the_gcd_of_the_width():
+def round_to_nearest(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """The symmetric grid by hand: one scale max|w_group| / ((2^bits - 1) / 2) per ``group`` inputs."""
+    w = weight.reshape(weight.shape[0], -1, group)
+    scale = w.abs().amax(-1, keepdim=True) / ((2 ** bits - 1) / 2)
+    levels = torch.clamp(torch.round(w / scale), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    return (levels * scale).reshape(weight.shape)
+
+
+def assert_grouped_by(q: torch.Tensor, weight: torch.Tensor, bits: int, group: int) -> None:
+    """``q`` is ``weight`` on the grid of ``group`` inputs per scale. A weight exactly halfway between two levels (the
+    largest negative one of a group sits at -(2^bits - 1) / 2 steps) may round either way in fp32."""
+    w = weight.reshape(weight.shape[0], -1, group)
+    step = (w.abs().amax(-1, keepdim=True) / ((2 ** bits - 1) / 2)).expand_as(w).reshape(weight.shape)
+    diff = (q - round_to_nearest(weight, bits, group)).abs()
+    tie = ((weight / step).abs() % 1 - 0.5).abs() < 1e-4
+    assert ((diff < 1e-5) | (tie & (diff < step * (1 + 1e-4)))).all()
+
+
+def test_a_group_size_that_does_not_divide_the_width_gives_one_scale_per_row():
     torch.manual_seed(0)
     weight = torch.randn(4, 96)
-    weight[:, :32] *= 100  # a group of 64 would share this range with the next 32 columns
-    q = quantize_dequantize(weight, 4, group_size=64)  # 96 % 64 != 0: groups of gcd(96, 64) = 32
-    assert torch.equal(q, quantize_dequantize(weight, 4, group_size=32))
-    assert (q[:, 32:] - weight[:, 32:]).abs().max() < 0.5  # a shared range (100x) would round these to 0 or +-14
+    weight[:, :32] *= 100  # one scale per row shares this range with the other 64 columns
+    assert quantization_group(96, 64) == 96 and quantization_group(96, 32) == 32 and quantization_group(64, 128) == 64
+    q = quantize_dequantize(weight, 4, group_size=64)  # 96 % 64 != 0: per row, not gcd(96, 64) = 32
+    assert_grouped_by(q, weight, 4, 96)
+    assert not torch.allclose(q, quantize_dequantize(weight, 4, group_size=32))
+
+
+@pytest.mark.parametrize("width", [51, 97])
+def test_an_odd_width_is_quantized_per_row(width):
+    # gcd(odd, 128) = 1: a group of one weight, which torchao refuses.
+    torch.manual_seed(width)
+    weight = torch.randn(6, width)
+    assert quantization_group(width, 128) == width
+    q = quantize_dequantize(weight, 4, group_size=128)
+    assert_grouped_by(q, weight, 4, width)
+
+
+def test_width_50_with_group_128_is_quantized_per_row_with_a_per_row_error():
+    torch.manual_seed(50)
+    weight = torch.randn(64, 50)
+    assert quantization_group(50, 128) == 50  # not gcd(50, 128) = 2
+    q = quantize_dequantize(weight, 4, group_size=128)
+    assert_grouped_by(q, weight, 4, 50)
+    # The error a 4-bit grid over a whole row implies: at most half a step of max|w_row| / 7.5, a quarter of one on
+    # average (uniform rounding). Groups of 2 (gcd(50, 128)) give each pair its own, smaller step: 0.17 of a row step.
+    step = weight.abs().amax(1, keepdim=True) / 7.5
+    error = (q - weight).abs()
+    assert (error <= step / 2 * (1 + 1e-3)).all()
+    assert 0.24 < float((error / step).mean()) < 0.27
+    assert float(((round_to_nearest(weight, 4, 2) - weight).abs() / step).mean()) < 0.18
+
+
+def test_group_size_one_is_refused():
+    with pytest.raises(ValueError, match=">= 2"):
+        quantize_dequantize(torch.randn(4, 8), 4, group_size=1)
 
 
 def test_every_linear_layer_is_quantized_once_tied_weights_included():
@@ -49,7 +99,8 @@ def test_every_linear_layer_is_quantized_once_tied_weights_included():
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
     before = {k: v.clone() for k, v in llama.state_dict().items()}
-    assert quantize_linear_weights_(llama, 4, 32) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+    # q, k, v, o, gate, up, down per layer + lm_head (tied), every width a multiple of 32.
+    assert quantize_linear_weights_(llama, 4, 32) == {32: 2 * 7 + 1}
     after = llama.state_dict()
     assert torch.equal(after["model.embed_tokens.weight"], after["lm_head.weight"])  # still tied
     assert torch.equal(after["lm_head.weight"], quantize_dequantize(before["lm_head.weight"], 4, 32))
@@ -59,8 +110,12 @@ def test_every_linear_layer_is_quantized_once_tied_weights_included():
     # GPT-2's Conv1D stores [in, out]: grouped along its inputs like a Linear's.
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32))
     w = gpt2.transformer.h[0].mlp.c_fc.weight.detach().clone()  # [32, 128]
-    quantize_linear_weights_(gpt2, 4, 32)
+    # c_attn, c_proj, c_fc (32 inputs), lm_head (tied) grouped by 32; mlp.c_proj (128 inputs) by 32 too.
+    assert quantize_linear_weights_(gpt2, 4, 32) == {32: 5}
     assert torch.equal(gpt2.transformer.h[0].mlp.c_fc.weight, quantize_dequantize(w.t(), 4, 32).t())
+    w = gpt2.transformer.h[0].attn.c_attn.weight.detach().clone()
+    assert quantize_linear_weights_(gpt2, 4, 48) == {32: 4, 128: 1}  # neither width divisible by 48: per row
+    assert torch.equal(gpt2.transformer.h[0].attn.c_attn.weight, quantize_dequantize(w.t(), 4, 48).t())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -106,9 +161,11 @@ def audited(toy_world, tmp_path_factory):
     from dsunlearn.toy import make_tiny_llama
     root = tmp_path_factory.mktemp("audit")
     twin = make_tiny_llama(str(root / "twin"), AutoTokenizer.from_pretrained(toy_world["model"]), seed=1)
-    cfg = write_run_config(root / "run.json", toy_world, root / "unused", eval={"micro_batch_size": 8},
+    # max_chunks 24 < the 32 held-out forget chunks; group 64 does not divide down_proj's 160 inputs.
+    cfg = write_run_config(root / "run.json", toy_world, root / "unused", eval={"micro_batch_size": 8,
+                                                                                "max_chunks": 24},
                            audit={"relearn_steps": 3, "relearn_batch_size": 4, "quantize_bits": [8, 4],
-                                  "quantize_group_size": 32})
+                                  "quantize_group_size": 64})
     model_before, twin_before = _digest(Path(toy_world["model"])), _digest(Path(twin))
     out = root / "out"
     code = main(["audit", "--config", str(cfg), "--zero", CPU_ZERO3, "--model", toy_world["model"], "--twin", twin,
@@ -145,6 +202,20 @@ def test_model_and_twin_fine_tune_on_the_same_batches_from_the_forget_slice(audi
     assert r["baseline"] == "twin" and r["baseline_split"] == "forget"
 
 
+def test_relearning_says_how_many_chunks_it_scored(audited, toy_world):
+    from transformers import AutoTokenizer
+    from dsunlearn.config import load_run_config
+    from dsunlearn.data import load_stream
+    cfg = load_run_config(str(audited["config"]))
+    forget = load_stream("forget", toy_world["forget"], cfg.data, AutoTokenizer.from_pretrained(toy_world["model"]))
+    _, held = split_forget_documents(list(forget.chunks["doc_index"]), 0.5, cfg.train.seed)
+    assert len(held) > cfg.eval.max_chunks == 24
+    r = audited["metrics"]["audits"]["relearn"]
+    assert r["measured_chunks"] == {"forget": 24, "approximate": 24} and r["held_out_chunks"] == len(held)
+    assert f"measured on 24 of the other {len(held)} chunks (eval.max_chunks)" in r["data"]
+    assert r["data"] in (audited["out"] / "report.md").read_text()
+
+
 def test_audit_writes_metrics_report_and_plot(audited):
     m, out = audited["metrics"], audited["out"]
     assert m["schema_version"] == 3
@@ -154,10 +225,15 @@ def test_audit_writes_metrics_report_and_plot(audited):
     assert [row["bits"] for row in q["rows"]] == ["full", "8", "4"]
     assert q["rows"][0]["auc_change"] == 0 and "twin_strongest_auc" in q["rows"][0]
     assert set(q["model"]) == {"full", "8", "4"} and set(q["twin"]) == {"full", "8", "4"}
+    # The toy Llama: q, k, v, o, gate, up (64 inputs) x 2 layers + the tied lm_head in groups of 64; down_proj (160
+    # inputs, which 64 does not divide) one scale per row.
+    assert q["group_size"] == 64 and q["groups"] == q["twin_groups"] == {"64": 13, "160": 2}
     # 8-bit moves the forget loss less than 4-bit does (both quantize the same random weights).
     assert abs(q["rows"][1]["loss_change"]["forget"]) < abs(q["rows"][2]["loss_change"]["forget"])
     report = (out / "report.md").read_text()
     assert "### Relearning" in report and "### Quantization" in report and (out / "plots" / "relearn.png").is_file()
+    assert ("- one scale per 64 inputs: 13 matrices; one scale per row where 64 does not divide the width: 2 matrices "
+            "160 wide\n") in report
     assert audited["code"] == (1 if audits["failures"] else 0)
     for line in audits["failures"]:  # a failure is said in the report's first lines
         assert line in "\n".join(report.splitlines()[:5])
@@ -166,6 +242,7 @@ def test_audit_writes_metrics_report_and_plot(audited):
 @pytest.mark.parametrize("args, fragment", [
     (["--audits", "relearn,bogus"], "--audits"),
     (["--set", "audit.quantize_bits=[9]"], "audit.quantize_bits"),
+    (["--set", "audit.quantize_group_size=1"], "audit.quantize_group_size"),
     (["--set", "audit.relearn_data=/nonexistent.jsonl"], "audit.relearn_data"),
     (["--set", "audit.relearn_fraction=1.0"], "audit.relearn_fraction"),
     (["--set", "data.approximate=null"], "data.approximate"),
@@ -177,6 +254,32 @@ def test_bad_audit_input_is_one_line_and_exit_2(audited, tmp_path, capsys, args,
     err = capsys.readouterr().err.strip()
     assert code == 2 and fragment in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_frozen_engine_is_freed_when_its_block_ends_also_by_an_exception(toy_world, tmp_path):
+    """``runner.frozen_engine``, used wherever a model is loaded to be scored once (the twin and a chain's original
+    inside ``unlearn``, every audit load): its weight partitions are gone when the block ends, with no garbage
+    collection by the caller, and the name bound by ``as`` cannot keep them alive."""
+    import weakref
+    from dsunlearn import engine as E
+    from dsunlearn.config import load_run_config
+    from dsunlearn.eval.runner import EvalSplit, evaluate_model, frozen_engine
+    from dsunlearn.zero import resolve_configs
+    cfg = load_run_config(str(write_run_config(tmp_path / "run.json", toy_world, tmp_path / "run")))
+    E.init_distributed()
+    ds_config = resolve_configs(cfg, CPU_ZERO3, 1)
+    splits = {"forget": EvalSplit("forget", [[5, 6, 7, 8, 9]] * 2, ["a b c"] * 2)}
+    for fail in (False, True):
+        partitions = []
+        with pytest.raises(RuntimeError, match="scoring failed") if fail else contextlib.nullcontext():
+            with frozen_engine(cfg, ds_config, toy_world["model"]) as frozen:
+                partitions = [weakref.ref(q.ds_tensor) for q in frozen.module.parameters()]
+                assert evaluate_model(frozen, splits, cfg, pad_id=0)["splits"]["forget"]["loss"] > 0
+                if fail:
+                    raise RuntimeError("scoring failed")
+        assert partitions and all(ref() is None for ref in partitions), fail
+        with pytest.raises(ReferenceError):
+            frozen.module
 
 
 def test_unlearn_runs_the_audits_on_its_exported_model(toy_world, tmp_path):
