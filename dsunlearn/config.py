@@ -189,6 +189,10 @@ class EvalConfig:
     """Check that the approximate set differs from the forget set in membership only (blind baseline, loss gap)."""
     split_check_auc_band: float = 0.15
     """The blind baseline passes when its AUC is within 0.5 +- band (its noise is ~0.07 at 50 documents per set)."""
+    allow_unjudged: bool = False
+    """With the stop rule on, a run whose evaluation before unlearning cannot judge the forget set (it already looks
+    unseen, or the split check failed) stops before the first step, exports nothing and exits with code 4. True
+    trains anyway (the stop rule then has nothing sound to stop on)."""
     audits: tuple = ()
     """Audits run on the exported model at the end of ``unlearn`` (``"relearn"``, ``"quantize"``; settings in the
     ``audit`` section): does the forgetting survive a short fine-tune or 8/4-bit weights? See docs/evaluation.md."""

@@ -151,6 +151,52 @@ def broadcast_object(obj):
     return box[0]
 
 
+class FailedElsewhere(RuntimeError):
+    """A part that every rank takes together failed on another rank: this rank stops too instead of waiting for it
+    in the next collective (that rank's log has the error)."""
+
+
+def any_rank_failed(failed: bool) -> bool:
+    """One all-reduce: did this rank or any other fail? Every rank must call it at the same point."""
+    return bool(all_reduce_sum(torch.tensor([1.0 if failed else 0.0], dtype=torch.float64))[0].item() > 0)
+
+
+@contextlib.contextmanager
+def together(what: str):
+    """A block whose failure on one rank reaches every rank: at its end one all-reduce (also a barrier) tells each
+    rank whether the block failed anywhere; the rank that failed re-raises its error, the others raise
+    ``FailedElsewhere``. For rank-0-only work (a write, a hash) followed by collective work: without it the other
+    ranks would wait in that collective forever."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        error = e
+    if any_rank_failed(error is not None):
+        if error is not None:
+            raise error
+        raise FailedElsewhere(f"{what} failed on another rank (see its log)")
+
+
+def from_main(compute, what: str):
+    """``compute()`` on rank 0, its result on every rank. When it raises there, every rank raises: a
+    ``ConfigError`` as itself (the user's one-line error, exit code 2 everywhere), anything else as
+    ``FailedElsewhere`` on the other ranks, so no rank waits in the broadcast."""
+    outcome, error = None, None
+    if is_main():
+        try:
+            outcome = ("ok", compute())
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+            outcome = ("config" if isinstance(e, ConfigError) else "error", str(e))
+    status, value = broadcast_object(outcome)
+    if status == "ok":
+        return value
+    if error is not None:
+        raise error
+    raise ConfigError(value) if status == "config" else FailedElsewhere(f"{what} failed on rank 0: {value}")
+
+
 @contextlib.contextmanager
 def main_process_first():
     """Rank 0 does the work first (filling caches), the others then read what it wrote."""
@@ -337,21 +383,22 @@ def export_hf_model(engine, tokenizer, out_dir: str, adapter_dir: Optional[str] 
     """
     from .adapter import is_adapted, merged_state_dict
     state_dict = consolidated_state_dict(engine)
-    if is_main():
-        module = engine.module
-        if is_adapted(module):
-            if adapter_dir is not None:
-                _replace_dir(Path(adapter_dir), lambda tmp: module.save_pretrained(tmp, state_dict=state_dict))
-            state_dict = merged_state_dict(state_dict, module)
-            module = module.get_base_model()
+    # Rank 0 writes; a failure there (disk full) must reach the other ranks, not leave them in the next collective.
+    with together("writing the model"):
+        if is_main():
+            module = engine.module
+            if is_adapted(module):
+                if adapter_dir is not None:
+                    _replace_dir(Path(adapter_dir), lambda tmp: module.save_pretrained(tmp, state_dict=state_dict))
+                state_dict = merged_state_dict(state_dict, module)
+                module = module.get_base_model()
 
-        def write(tmp: Path) -> None:
-            module.config.use_cache = True
-            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            module.config.use_cache = False
-            tokenizer.save_pretrained(tmp)
-        _replace_dir(Path(out_dir), write)
-    barrier()
+            def write(tmp: Path) -> None:
+                module.config.use_cache = True
+                module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                module.config.use_cache = False
+                tokenizer.save_pretrained(tmp)
+            _replace_dir(Path(out_dir), write)
     return out_dir
 
 

@@ -26,10 +26,11 @@ from . import chain as C
 from . import reference as R
 from .adapter import apply_adapter
 from .config import RunConfig
-from .cost import KNOWN_PRETRAINING, ModelShape, cost_line, run_cost, run_passes
-from .data import Stream, StreamSampler, write_json_atomic
+from .cost import KNOWN_PRETRAINING, ModelShape, run_cost, run_passes
+from .data import Stream, StreamSampler
 from .eval.audit import run_audits
 from .eval.runner import Evaluator
+from .finish import finish_run
 from .methods import select_trainable
 from .methods.base import StreamOutputs
 from .methods.terms import chunk_nll, split_streams
@@ -39,7 +40,9 @@ from .rundir import (RunLogger, RunState, claim_run_dir, load_latest_checkpoint,
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_DIVERGED = 0, 3
+EXIT_OK, EXIT_DIVERGED, EXIT_UNJUDGED = 0, 3, 4
+"""Exit codes of an unlearning run (docs/reliability.md): 3 = stopped by the divergence guard; 4 = stopped before
+the first step because its own evaluation cannot judge the forget set (``Evaluator.unjudged_refusal``)."""
 
 RELEASE_MEMO_STEPS = 2
 """Optimizer steps after no-grad forwards on the trained engine (cache passes, evaluations) that first clear DeepSpeed
@@ -170,20 +173,20 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
         if not resume:
             evaluator.evaluate(0, label="before")
     try:
-        exit_code, weights_ok = train(run, state, p.num_steps, logger, evaluator)
-        if exit_code == EXIT_OK:
-            save_checkpoint(run.engine, run_dir, state.step, cfg.checkpoint.keep_last)
-        # With the stop rule on, the evaluator has already exported the weights that best met it.
-        if cfg.output.save_model and weights_ok and not (evaluator is not None and evaluator.tracks_best):
-            E.export_hf_model(run.engine, p.tokenizer, str(Path(run_dir) / "model"), E.adapter_dir(cfg))
-        if chain is not None:
-            chain = C.record_result(cfg, run_dir) or chain
+        if evaluator is not None and not resume and (refusal := evaluator.unjudged_refusal()):
+            # Nothing to remove, by the run's own judgement: no step is taken and nothing is exported.
+            state.stop_reason = refusal
+            if E.is_main():
+                log.error("stopping before the first step: %s", refusal)
+            exit_code, weights_ok = EXIT_UNJUDGED, False
+        else:
+            exit_code, weights_ok = train(run, state, p.num_steps, logger, evaluator)
         audit = None
         if p.audits:
-            original = chain["original"]["path"] if chain else cfg.model.path
-            audit = lambda: run_audits(p, str(Path(run_dir) / "model"), cfg.eval.retrained_model,  # noqa: E731
-                                       original)
-        finish(run, state, p.num_steps, exit_code, logger, evaluator, started, audit, chain)
+            audit = lambda model_dir, original: run_audits(p, model_dir, cfg.eval.retrained_model,  # noqa: E731
+                                                          original)
+        finish_run(run, state, p.num_steps, exit_code, logger, evaluator, started, plan_cost=plan_cost,
+                   tokenizer=p.tokenizer, export=cfg.output.save_model and weights_ok, audit=audit, chain=chain)
     finally:
         logger.close()
     return exit_code
@@ -231,57 +234,6 @@ def train(run: Run, state: RunState, num_steps: int, logger: RunLogger, evaluato
                 state.stop_reason = "stop rule: the forget loss reached the target"
                 break
     return EXIT_OK, True
-
-
-def finish(run: Run, state: RunState, num_steps: int, exit_code: int, logger: RunLogger,
-           evaluator: Optional[Evaluator], started: float, audit=None, chain: Optional[dict] = None) -> None:
-    """Cost, final evaluation, audits, metrics.json, report and summary.json, after the model is saved.
-
-    These only describe the work: a failure here must not lose the model, summary.json or metrics.json, so each part
-    writes what it has and the first error is raised at the end. ``audit`` (``eval.audits``) runs on the exported
-    model once the run's engines are freed: it loads its own.
-    """
-    errors: list[BaseException] = []
-    cost = _describe(errors, "cost", lambda: plan_cost(run, state))
-    if cost is not None:
-        logger.scalars(state.step, {"cost/unlearning_flops": float(cost["unlearning_flops"]),
-                                    "cost/flops_per_step": float(cost["flops_per_step"]["total"])})
-    audits = None
-    if evaluator is not None:
-        _describe(errors, "final evaluation", lambda: evaluator.conclude(state))
-    if audit is not None and (Path(run.cfg.output.run_dir) / "model").is_dir():
-        run.engine = run.reference = None
-        if evaluator is not None:
-            evaluator.engine = None
-        E.release_engines()
-        audits = _describe(errors, "audits", audit)
-        if audits is not None and E.is_main():
-            for line in audits["failures"]:
-                log.warning("%s", line)
-    if evaluator is not None:
-        extra = {k: v for k, v in (("cost", cost), ("audits", audits), ("chain", chain)) if v is not None}
-        _describe(errors, "evaluation report", lambda: evaluator.finish(state, extra=extra))
-    if E.is_main():
-        write_json_atomic(Path(run.cfg.output.run_dir) / "summary.json",
-                          {"steps": state.step, "num_steps": num_steps, "stop_reason": state.stop_reason,
-                           "exit_code": exit_code, "skipped_steps": state.skipped_steps,
-                           "train_seconds": round(state.seconds, 3),
-                           "wall_seconds": round(time.time() - started, 3), "cost": cost,
-                           "errors": [f"{type(e).__name__}: {e}" for e in errors]})
-        if cost is not None:
-            log.info("cost: %s", cost_line(cost))
-    if errors:
-        raise errors[0]
-
-
-def _describe(errors: list, what: str, build):
-    """Run one post-training step (cost, report); on failure log it, keep the exception for later, return None."""
-    try:
-        return build()
-    except Exception as e:  # noqa: BLE001 - re-raised by the caller once everything that exists is written
-        log.error("%s failed after training (the model and run files are kept): %s", what, e)
-        errors.append(e)
-        return None
 
 
 def train_step(run: Run, step: int) -> dict:

@@ -345,10 +345,12 @@ def run_audits(p: Prepared, model_dir: str, twin_dir: Optional[str], original_di
 def run_audit_command(cfg: RunConfig, zero_path: str, model_dir: str, out_dir: str, twin_dir: Optional[str],
                       audits: tuple) -> dict:
     """``dsunlearn audit``: audit one model directory across all ranks; metrics.json, report.md, plots/ in
-    ``out_dir``. ``model.path`` of the run config is the original model (before unlearning)."""
-    if not cfg.model.path:
+    ``out_dir``. The original model (before unlearning) is the chain's original when ``model_dir`` is a removal
+    request's ``model/`` (``chain.original_of``, the rule the run's own audits follow), else ``model.path``."""
+    from ..chain import original_of
+    original_dir = original_of(model_dir, cfg.model.path)
+    if not original_dir:
         raise ConfigError("model.path: the audits need the original model (before unlearning) as model.path")
-    original_dir = cfg.model.path
     twin_dir = twin_dir or cfg.eval.retrained_model
     cfg = dataclasses.replace(with_model(cfg, model_dir), eval=dataclasses.replace(cfg.eval,
                                                                                    retrained_model=twin_dir))

@@ -26,8 +26,8 @@ from ..prepare import prepare, with_model
 from ..rundir import RunLogger, RunState
 from .metrics import chunk_stats, concat_stats, split_metrics
 from .mia import attack_report
-from .verdict import (MEMBER_SPLIT, NONMEMBER_SPLIT, REFERENCE_ATTACK, distance_to_retraining, extreme_attacks,
-                      forget_shortfall, judge, verdict_line)
+from .verdict import (CANNOT_JUDGE, MEMBER_SPLIT, NONMEMBER_SPLIT, REFERENCE_ATTACK, distance_to_retraining,
+                      extreme_attacks, forget_shortfall, judge, verdict_line)
 
 log = logging.getLogger(__name__)
 
@@ -321,15 +321,26 @@ class Evaluator:
                      utility_tolerance=e.utility_tolerance, auc_band=e.auc_band,
                      split_check=None if self.standalone else self.split_check, original=self.original)
 
+    def unjudged_refusal(self) -> Optional[str]:
+        """Why the run must not take a step, or None: the stop rule is on and the evaluation before unlearning
+        cannot judge the forget set (``eval.allow_unjudged`` lets a user who knows better go on)."""
+        judgement = self.before and self.history and self.history[0].get("judgement")
+        if not self.tracks_best or self.cfg.eval.allow_unjudged or not judgement \
+                or judgement["status"] != CANNOT_JUDGE:
+            return None
+        return (f"nothing to unlearn by the run's own judgement: {verdict_line(judgement)} (exit code 4; "
+                f"eval.allow_unjudged=true trains anyway)")
+
     def conclude(self, state) -> None:
         """The final evaluation, unless the last one was of the final weights."""
         if not self.history or self.history[-1]["step"] != state.step or self.last_full is None:
             self.evaluate(state.step, label="after")
 
     def finish(self, state, extra: Optional[dict] = None) -> dict:
-        """Final evaluation (when the last one was not of the final weights), metrics.json, report.md, plots.
-        ``extra`` adds top-level fields: ``cost``, ``audits`` (``eval/audit.py``)."""
-        self.conclude(state)
+        """metrics.json, report.md and plots of the run.
+        ``extra`` adds top-level fields: ``cost``, ``audits`` (``eval/audit.py``). Only what was evaluated is
+        written: the caller runs ``conclude`` first (``finish.py``); when that failed, "after" is the last evaluation
+        that succeeded."""
         last = {"entry": self.history[-1], "result": self.last_full}
         after = (self.best or last) if self.tracks_best else last
         metrics = {

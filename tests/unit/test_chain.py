@@ -106,37 +106,163 @@ def test_a_request_after_a_changed_model_is_refused(chain, toy_world, tmp_path, 
     assert not (tmp_path / "r2b").exists()
 
 
-def test_a_killed_request_resumes_and_keeps_its_chain(chain, toy_world, tmp_path):
-    """Request 2 again, killed (SIGKILL) after a checkpoint, resumed with --resume: the uninterrupted request's
-    weights, the same chain (its result hash recorded), the earlier forget set evaluated."""
+def _request2(toy_world, chain, root: Path, name: str) -> Path:
+    """Request 2 of the chain fixture, evaluated and checkpointed at every step."""
+    return write_run_config(root / f"{name}.json", toy_world, root / name, data={"forget": chain["forget"][1]},
+                            train={"num_steps": STEPS, "lr": 5e-3}, checkpoint={"every_n_steps": 1},
+                            eval={"every_n_steps": 1})
+
+
+def _request2_cmd(cfg: Path, chain) -> list[str]:
+    return [sys.executable, "-m", "dsunlearn", "unlearn", "--config", str(cfg), "--zero", CPU_ZERO3,
+            "--after", str(chain["root"] / "r1")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(chain, toy_world, tmp_path_factory):
+    """Request 2 run whole, in its own process like the killed and resumed ones: nothing of this test process
+    (threads, what earlier tests loaded) takes part in the comparison."""
+    cfg = _request2(toy_world, chain, tmp_path_factory.mktemp("whole"), "r2")
+    p = subprocess.run(_request2_cmd(cfg, chain), env=launch_env(), cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return cfg.parent / "r2"
+
+
+KILL_POINTS = {
+    # Right after the step-2 checkpoint's latest.json: the run is in step 3 (or its evaluation or checkpoint).
+    "after a checkpoint": lambda run_dir: _logged_step(run_dir / "checkpoints" / "latest.json", "step") >= 2,
+    # Right after the step-2 evaluation was recorded: the run is in the step-2 checkpoint save or step 3.
+    "after an evaluation": lambda run_dir: _logged_step(run_dir / "eval_state.json", "history") >= 2,
+}
+
+
+def _logged_step(path: Path, key: str) -> int:
+    try:
+        value = json.loads(path.read_text())[key]
+    except (OSError, ValueError, KeyError):
+        return -1
+    return value[-1]["step"] if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_a_killed_request_resumes_and_keeps_its_chain(chain, uninterrupted, toy_world, tmp_path, point):
+    """Request 2 again, killed (SIGKILL) at ``point``, resumed with --resume: the uninterrupted request's weights
+    bit for bit, so the same result hash in chain.json (what the next --after checks), the earlier forget set
+    evaluated."""
     from safetensors.torch import load_file
+    cfg = _request2(toy_world, chain, tmp_path, "r2")
     run_dir = tmp_path / "r2"
-    cfg = write_run_config(tmp_path / "r2.json", toy_world, run_dir, data={"forget": chain["forget"][1]},
-                           train={"num_steps": STEPS, "lr": 5e-3}, checkpoint={"every_n_steps": 1})
-    proc = subprocess.Popen([sys.executable, "-m", "dsunlearn", "unlearn", "--config", str(cfg), "--zero", CPU_ZERO3,
-                             "--after", str(chain["root"] / "r1")], env=launch_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    latest = run_dir / "checkpoints" / "latest.json"
+    proc = subprocess.Popen(_request2_cmd(cfg, chain), env=launch_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= 2:
-            break
-        time.sleep(0.02)
+    while time.time() < deadline and proc.poll() is None and not KILL_POINTS[point](run_dir):
+        time.sleep(0.01)
     assert proc.poll() is None, "the request ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "model").exists()
     p = run_cli(["unlearn", "--resume", str(run_dir)])
     assert p.returncode == 0, p.stderr[-3000:]
-    want, got = load_file(chain["root"] / "r2" / "model" / "model.safetensors"), load_file(
-        run_dir / "model" / "model.safetensors")
+    want, got = load_file(uninterrupted / "model" / "model.safetensors"), load_file(run_dir / "model" / "model.safetensors")
+    assert set(got) == set(want)
     for key in want:
-        assert torch.allclose(got[key], want[key], rtol=0, atol=1e-6), key
+        assert torch.equal(got[key], want[key]), key
     resumed = json.loads((run_dir / "chain.json").read_text())
     assert [r["index"] for r in resumed["requests"]] == [1, 2]
     assert resumed["requests"][1]["result_model"]["sha256"] == json.loads(
-        (chain["root"] / "r2" / "chain.json").read_text())["requests"][1]["result_model"]["sha256"]
+        (uninterrupted / "chain.json").read_text())["requests"][1]["result_model"]["sha256"]
     assert "forget@1" in json.loads((run_dir / "metrics.json").read_text())["after"]["splits"]
+
+
+def test_the_chain_records_the_model_of_the_last_export(chain, toy_world, tmp_path):
+    """Stop rule on and no evaluation during training: the final evaluation exports model/, after which the result
+    hash is taken (it used to be taken before, and stayed null)."""
+    from dsunlearn.chain import model_hash
+    cfg_path = write_run_config(tmp_path / "r.json", toy_world, tmp_path / "r2", data={"forget": chain["forget"][1]},
+                                train={"num_steps": 3, "lr": 5e-3},
+                                eval={"every_n_steps": 10, "stop_tolerance": 0.1, "allow_unjudged": True})
+    assert main(["unlearn", "--config", str(cfg_path), "--zero", CPU_ZERO3, "--after", str(chain["root"] / "r1")]) == 0
+    recorded = json.loads((tmp_path / "r2" / "chain.json").read_text())["requests"][-1]["result_model"]
+    from dsunlearn.config import load_run_config
+    assert recorded["sha256"] == model_hash(load_run_config(str(cfg_path)), str(tmp_path / "r2" / "model"))
+    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["exported_step"] == 3
+
+
+def test_a_run_without_a_recorded_result_is_refused(chain, toy_world, tmp_path, capsys):
+    import shutil
+    prev = tmp_path / "r1"
+    shutil.copytree(chain["root"] / "r1", prev)
+    record = json.loads((prev / "chain.json").read_text())
+    record["requests"][-1]["result_model"] = None
+    (prev / "chain.json").write_text(json.dumps(record))
+    cfg = write_run_config(tmp_path / "r.json", toy_world, tmp_path / "r2", data={"forget": chain["forget"][1]})
+    capsys.readouterr()
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3, "--after", str(prev)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "records no result model for request 1" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no requests", "not json"])
+def test_a_corrupt_chain_record_is_one_line_and_exit_2(chain, toy_world, tmp_path, capsys, damage):
+    import shutil
+    prev = tmp_path / "r1"
+    shutil.copytree(chain["root"] / "r1", prev)
+    text = (prev / "chain.json").read_text()
+    (prev / "chain.json").write_text({"truncated": text[: len(text) // 2],
+                                      "no requests": json.dumps({**json.loads(text), "requests": []}),
+                                      "not json": "\x00\x01"}[damage])
+    cfg = write_run_config(tmp_path / "r.json", toy_world, tmp_path / "r2", data={"forget": chain["forget"][1]})
+    capsys.readouterr()
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3, "--after", str(prev)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "chain.json: not a readable chain record" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r2").exists()
+
+
+def test_an_empty_model_path_is_refused_before_hashing(toy_world, tmp_path, capsys, monkeypatch):
+    from dsunlearn import chain as C
+    monkeypatch.setattr(C, "model_hash", lambda *a: pytest.fail("hashed before refusing"))
+    cfg = write_run_config(tmp_path / "r.json", toy_world, tmp_path / "r1", model={"path": ""})
+    capsys.readouterr()
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]) == 2
+    assert "model.path: expected the model directory" in capsys.readouterr().err
+    assert not (tmp_path / "r1").exists()
+
+
+def test_a_dry_run_hashes_no_weights_and_writes_no_memo(chain, toy_world, tmp_path, capsys, monkeypatch):
+    from dsunlearn import chain as C
+    monkeypatch.setattr(C, "model_hash", lambda *a: pytest.fail("a dry run hashed a model"))
+    cache = tmp_path / "cache"
+    cfg = write_run_config(tmp_path / "r.json", toy_world, tmp_path / "r3", data={"forget": chain["forget"][0]},
+                           reference={"cache_dir": str(cache)})
+    capsys.readouterr()
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3, "--after", str(chain["root"] / "r2"),
+                 "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["chain"]["requests"][-1]["start_model"]["sha256"] is None
+    assert not cache.exists() and not (tmp_path / "r3").exists()
+
+
+def test_the_audit_command_takes_the_chains_original(chain, monkeypatch, tmp_path):
+    """``dsunlearn audit`` on request 2's model with request 2's own config (whose model.path is request 1's
+    model): the original is the chain's, as in the run's own audits."""
+    from dsunlearn.chain import original_of
+    from dsunlearn.config import load_run_config
+    from dsunlearn.eval import audit
+    cfg = load_run_config(str(chain["root"] / "r2" / "config.json"))
+    assert cfg.model.path == str(chain["root"] / "r1" / "model")
+    original = json.loads((chain["root"] / "r1" / "chain.json").read_text())["original"]["path"]
+    assert original_of(str(chain["root"] / "r2" / "model"), cfg.model.path) == original
+    assert original_of(str(tmp_path), "given") == "given"  # not a run's model/: model.path
+    seen = {}
+    monkeypatch.setattr(audit, "run_audits", lambda p, model, twin, orig: seen.setdefault("original", orig) and {
+        "failures": [], "relearn": None})
+    monkeypatch.setattr(audit, "audit_section", lambda *a: [])
+    audit.run_audit_command(cfg, CPU_ZERO3, str(chain["root"] / "r2" / "model"), str(tmp_path / "out"), None,
+                            ("relearn",))
+    assert seen["original"] == original
 
 
 def test_a_later_request_is_judged_against_the_chain_original(chain):

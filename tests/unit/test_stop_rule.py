@@ -188,3 +188,28 @@ def test_the_best_step_is_chosen_by_the_verdict_criteria_not_the_gap(scripted):
     clean = _result(5.1, 5.12, 4.62, aucs={"loss": 0.5, "min_k_10": 0.55})
     run([(15, clean)])
     assert exports == [5, 15] and ev.best["result"]["judgement"]["status"] == FORGOTTEN
+
+
+def test_a_run_with_nothing_to_remove_stops_before_the_first_step(toy_world, tmp_path, capsys):
+    """The forget set is unseen text (the approximate set itself): the evaluation before unlearning cannot judge
+    it, so with the stop rule on the run takes no step, exports nothing and exits 4; eval.allow_unjudged trains."""
+    import json
+    from pathlib import Path
+    from dsunlearn.cli import main
+    from helpers import CPU_ZERO3, write_run_config
+    common = dict(data={"forget": toy_world["approximate"]}, train={"num_steps": 2})
+    cfg = write_run_config(tmp_path / "r.json", toy_world, tmp_path / "run",
+                           eval={"every_n_steps": 1, "stop_tolerance": 0.1}, **common)
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]) == 4
+    run = Path(tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 0 and summary["exit_code"] == 4 and not summary["model_exported"]
+    assert summary["stop_reason"].startswith("nothing to unlearn by the run's own judgement: cannot judge")
+    assert not (run / "model").exists() and not (run / "checkpoints").exists()
+    assert not (run / "log.jsonl").is_file() or not (run / "log.jsonl").read_text().strip()  # no step logged
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["verdict"].startswith("cannot judge") and metrics["steps"] == 0
+    cfg = write_run_config(tmp_path / "r2.json", toy_world, tmp_path / "run2",
+                           eval={"every_n_steps": 1, "stop_tolerance": 0.1, "allow_unjudged": True}, **common)
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]) in (0, 3)
+    assert json.loads((tmp_path / "run2" / "summary.json").read_text())["steps"] >= 1
