@@ -58,3 +58,27 @@ def test_a_failure_on_one_rank_stops_every_rank_and_keeps_what_exists(outcomes, 
         assert json.loads((run_dir / "chain.json").read_text())["requests"][-1]["result_model"]["sha256"]
     if case.startswith("audits"):  # rank 0's audits finished before rank 1 failed: kept
         assert metrics["audits"]["quantize"] is not None
+
+
+def test_a_corrupt_chain_is_one_line_and_exit_2_on_every_rank(toy_world, tmp_path):
+    """--after a run whose chain.json is truncated, on 2 ranks: rank 0 reads it, every rank exits with code 2 and
+    the user gets one line (it used to be rank 0's raw JSON traceback while rank 1 waited in the broadcast)."""
+    import shutil
+    import time
+    from helpers import run_cli
+    prev = tmp_path / "r1"
+    (prev / "model").mkdir(parents=True)
+    for f in Path(toy_world["model"]).iterdir():
+        shutil.copy(f, prev / "model" / f.name)
+    (prev / "config.json").write_text("{}")
+    (prev / "summary.json").write_text("{}")
+    (prev / "chain.json").write_text('{"schema_version": 1, "original": {"pa')
+    cfg = write_run_config(tmp_path / "r2.json", toy_world, tmp_path / "r2")
+    start = time.time()
+    p = run_cli(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3, "--after", str(prev)],
+                launcher=deepspeed_launcher(2), timeout=300)
+    errors = [line for line in (p.stdout + p.stderr).splitlines() if "dsunlearn: error:" in line]
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert len(errors) == 1 and "chain.json: not a readable chain record" in errors[0], errors
+    assert "Traceback" not in p.stderr and time.time() - start < 120
+    assert not (tmp_path / "r2").exists()
