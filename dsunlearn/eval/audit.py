@@ -226,7 +226,8 @@ def relearn_curve(cfg: RunConfig, ds_config: dict, path: str, stream, rows: list
                   pad_id: int) -> dict:
     """Fine-tune the model at ``path`` (in memory) on ``stream``'s chunks ``rows``; score ``splits`` before and after
     every step. The batches are a pure function of (step, rank, seed), so every model audited with the same config
-    sees the same chunks in the same order, on any world size; ``batches`` records what was actually fed."""
+    sees the same chunks in the same order, on any world size; ``batches`` records what was actually fed. The
+    arithmetic is the same too only without dropout (its masks come from each rank's random stream)."""
     world, rank, t = E.world_size(), E.rank(), cfg.train
     model, handle = E.load_model(with_model(cfg, path), ds_config, path=path)
     engine = E.build_train_engine(model, ds_config, cfg, t.num_steps)
