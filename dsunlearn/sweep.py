@@ -290,7 +290,8 @@ def point_figures(metrics: dict, forget_tol: float, retain_tol: float) -> dict:
         "retain_degradation": degradation,
         "general_degradation": delta(loss["general"], general0),
         "retain_degraded": degradation is None or degradation > retain_tol,
-        "in_band": bool((metrics.get("judgement") or {}).get("ok")),  # the run's own verdict criteria
+        # The run's own verdict criteria, judged without the twin (as the run chose its step): a twin only reports.
+        "in_band": bool((metrics.get("selection") or metrics.get("judgement") or {}).get("ok")),
         "final_forget_gap": final_gap, "final_retain_degradation": delta(final_retain, retain0),
         # A non-finite final forget loss (divergence) counts as overshooting.
         "overshot": final_gap is None or final_gap > forget_tol,

@@ -147,6 +147,11 @@ def stop_rule_holds(result: dict, cfg: RunConfig) -> bool:
     return forget_shortfall(result["splits"][MEMBER_SPLIT]["loss"], result["target"], cfg.eval.stop_tolerance) == 0
 
 
+def selection(result: dict) -> dict:
+    """The twin-free judgement that chose among evaluations (a state saved before it existed: the judgement)."""
+    return result.get("selection") or result["judgement"]
+
+
 def better(candidate: dict, incumbent: Optional[dict]) -> bool:
     """Is ``candidate``'s judgement better than ``incumbent``'s? Forgotten first, then the smaller distance."""
     if incumbent is None:
@@ -158,7 +163,7 @@ def better(candidate: dict, incumbent: Optional[dict]) -> bool:
 def compact(result: dict) -> dict:
     """The figures of one evaluation without per-chunk lists and ROC points (for logs and history)."""
     out = {"splits": result["splits"]}
-    for key in ("forget_gap", "target", "target_gap", "judgement", "distance", "earlier"):
+    for key in ("forget_gap", "target", "target_gap", "judgement", "selection", "distance", "earlier"):
         if result.get(key) is not None:
             out[key] = result[key]
     if "mia" in result:
@@ -298,6 +303,9 @@ class Evaluator:
             result["target"] = target
             result["target_gap"] = result["splits"][MEMBER_SPLIT]["loss"] - target
         result["judgement"] = self.judge(result)
+        # What chooses the exported step (and the stop, and a sweep's ranking): only what a user has. The twin and
+        # the reference attack it calibrates appear in the report's judgement, never here (docs/evaluation.md).
+        result["selection"] = self.judge(result, twin_free=True) if self.retrained else result["judgement"]
         result["distance"] = distance_to_retraining(result, self.retrained)
         entry = {"step": step, "label": label, **compact(result)}
         self.history.append(entry)
@@ -307,24 +315,27 @@ class Evaluator:
             log.info("eval %s: %s", label, ", ".join(f"{k} {v['loss']:.4f}" for k, v in result["splits"].items()))
             log.info("eval %s: %s", label, verdict_line(result["judgement"]))
         # The original (step 0) is never the result: the best is chosen among unlearned steps only.
-        if self.tracks_best and step > 0 and better(result["judgement"], self.best and self.best["result"]["judgement"]):
+        if self.tracks_best and step > 0 and better(result["selection"], self.best and selection(self.best["result"])):
             self.best = {"entry": entry, "result": result}
             if self.cfg.output.save_model:
                 E.export_hf_model(self.engine, self.tokenizer, str(self.run_dir / "model"), E.adapter_dir(self.cfg))
         self._save_state()
         return "stop" if step > 0 and stop_rule_holds(result, self.cfg) else None
 
-    def judge(self, result: dict) -> dict:
+    def judge(self, result: dict, twin_free: bool = False) -> dict:
+        """The verdict on ``result``: against the twin when there is one (the report), or ``twin_free``: as if there
+        were none, the reference attack left out (the exported step's choice)."""
         e = self.cfg.eval
         before = None if self.standalone else self.before
-        return judge(result, before, self.retrained, stop_tolerance=e.stop_tolerance,
+        return judge(result, before, None if twin_free else self.retrained, stop_tolerance=e.stop_tolerance,
                      utility_tolerance=e.utility_tolerance, auc_band=e.auc_band,
-                     split_check=None if self.standalone else self.split_check, original=self.original)
+                     split_check=None if self.standalone else self.split_check, original=self.original,
+                     exclude_attacks=(REFERENCE_ATTACK,) if twin_free else ())
 
     def unjudged_refusal(self) -> Optional[str]:
         """Why the run must not take a step, or None: the stop rule is on and the evaluation before unlearning
         cannot judge the forget set (``eval.allow_unjudged`` lets a user who knows better go on)."""
-        judgement = self.before and self.history and self.history[0].get("judgement")
+        judgement = self.before and self.history and selection(self.history[0])
         if not self.tracks_best or self.cfg.eval.allow_unjudged or not judgement \
                 or judgement["status"] != CANNOT_JUDGE:
             return None
@@ -353,6 +364,7 @@ class Evaluator:
             "stop_target": self.cfg.eval.stop_target,
             "verdict": verdict_line(after["result"]["judgement"]),
             "judgement": after["result"]["judgement"],
+            "selection": selection(after["result"]),
             "distance_to_retraining": after["result"]["distance"],
             "before": compact(self.before),
             "after": compact(after["result"]),

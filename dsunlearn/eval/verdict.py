@@ -116,13 +116,14 @@ def distance_to_retraining(result: dict, twin: Optional[dict]) -> dict:
 
 def judge(result: dict, before: Optional[dict], twin: Optional[dict], *, stop_tolerance: float,
           utility_tolerance: float, auc_band: Optional[float], split_check: Optional[dict] = None,
-          original: Optional[dict] = None) -> dict:
+          original: Optional[dict] = None, exclude_attacks: tuple = ()) -> dict:
     """The judgement of one evaluation (``result``, with ``target`` set) against the state before unlearning
     (``before``) and the retrained twin (``twin``, optional). Utility is measured against ``original`` when given (a
     later removal request: the chain's original model, so damage cannot accumulate unjudged), else ``before``.
     Returns ``status`` (one of the four words above), ``ok`` (forgotten), ``reasons`` (one line each, with numbers),
     the figures behind them, and ``distance`` (0 when every criterion holds, else how far off, in comparable units:
-    nats of forget shortfall, relative utility excess, AUC excess), which orders evaluations for the exported step.
+    nats of forget shortfall, relative utility excess, AUC excess). ``exclude_attacks``: attacks left out of
+    criterion 2 (the selection judgement leaves out the reference attack, which the twin calibrates).
     """
     out: dict = {"status": CANNOT_JUDGE, "ok": False, "reasons": [], "distance": math.inf}
     target = result.get("target")
@@ -149,7 +150,7 @@ def judge(result: dict, before: Optional[dict], twin: Optional[dict], *, stop_to
     excess = 0.0
     figures: dict = {"forget_loss": forget, "target": target}
     if result.get("mia"):
-        (strong, strong_auc), (weak, weak_auc) = extreme_attacks(result["mia"])
+        (strong, strong_auc), (weak, weak_auc) = extreme_attacks(result["mia"], exclude=exclude_attacks)
         ref_high, ref_low, auc_band = unseen_like_levels(result, twin, auc_band)
         figures.update(strongest_attack=strong, strongest_auc=strong_auc, weakest_attack=weak, weakest_auc=weak_auc,
                        unseen_like_high=ref_high + auc_band, unseen_like_low=ref_low - auc_band, auc_band=auc_band)

@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import torch
 
 from dsunlearn import engine as E
 from dsunlearn.config import ConfigError, load_run_config
@@ -190,6 +191,20 @@ def test_the_best_step_is_chosen_by_the_verdict_criteria_not_the_gap(scripted):
     assert exports == [5, 15] and ev.best["result"]["judgement"]["status"] == FORGOTTEN
 
 
+def test_the_twin_never_chooses_the_exported_step(scripted):
+    """A twin whose strongest attack sits far from 0.5 (here 0.75) raises the report's unseen-like level: by it the
+    leaky step 10 looks forgotten. The step is chosen as without a twin (step 5); the report still judges against
+    the twin."""
+    ev, run, exports = scripted
+    ev.retrained = _result(5.1, 5.12, 4.6, aucs={"loss": 0.6, "min_k_10": 0.75})
+    near = _result(4.95, 5.12, 4.62, aucs={"loss": 0.5, "min_k_10": 0.55, "ref": 0.5})
+    leaky = _result(5.08, 5.12, 4.62, aucs={"loss": 0.6, "min_k_10": 0.8, "ref": 0.5})
+    run([(0, BEFORE), (5, near), (10, leaky)])
+    assert exports == [5] and ev.best["entry"]["step"] == 5
+    assert ev.history[-1]["judgement"]["status"] == FORGOTTEN  # the report's verdict, against the twin
+    assert ev.history[-1]["selection"]["status"] == NOT_FORGOTTEN  # what a user without the twin can judge
+
+
 def test_a_run_with_nothing_to_remove_stops_before_the_first_step(toy_world, tmp_path, capsys):
     """The forget set is unseen text (the approximate set itself): the evaluation before unlearning cannot judge
     it, so with the stop rule on the run takes no step, exports nothing and exits 4; eval.allow_unjudged trains."""
@@ -213,3 +228,24 @@ def test_a_run_with_nothing_to_remove_stops_before_the_first_step(toy_world, tmp
                            eval={"every_n_steps": 1, "stop_tolerance": 0.1, "allow_unjudged": True}, **common)
     assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]) in (0, 3)
     assert json.loads((tmp_path / "run2" / "summary.json").read_text())["steps"] >= 1
+
+
+def test_the_same_run_with_and_without_a_twin_exports_the_same_weights(toy_world, tmp_path):
+    """The stop rule on, evaluated at every step; the "twin" is the original model itself (it memorised the forget
+    set, so its strongest attack sits far above 0.5 and would widen the unseen-like band). The exported weights
+    are bit-identical to those of the run without it; only the report differs."""
+    import json
+    from safetensors.torch import load_file
+    from dsunlearn.cli import main
+    from helpers import CPU_ZERO3, write_run_config
+    runs = {}
+    for name, twin in (("alone", None), ("twin", toy_world["model"])):
+        cfg = write_run_config(tmp_path / f"{name}.json", toy_world, tmp_path / name, train={"num_steps": 6},
+                               eval={"every_n_steps": 1, "stop_tolerance": 0.1, "allow_unjudged": True,
+                                     "retrained_model": twin})
+        assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]) in (0, 3)
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert runs["alone"]["exported_step"] == runs["twin"]["exported_step"]
+    assert runs["twin"]["retrained"] is not None and runs["alone"]["retrained"] is None
+    want, got = (load_file(tmp_path / n / "model" / "model.safetensors") for n in ("alone", "twin"))
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
