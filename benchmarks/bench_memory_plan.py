@@ -3,13 +3,15 @@
     python benchmarks/bench_memory_plan.py                              # 2 model sizes x (engine, cache), 1 CPU rank
     python benchmarks/bench_memory_plan.py --sizes 1024x8 --modes engine --ranks 2
     python benchmarks/bench_memory_plan.py --gpu --sizes 2048x16                   # GPU ranks, bf16 zero3.json
+    python benchmarks/bench_memory_plan.py --eval 64 --audit 2 --modes adapters_off   # the relearning audit too
 
 Each (model size, ``reference.mode``) is one ``deepspeed`` launch of this script with ``--worker``: a real
 ``loop.unlearn`` GA+KL run (ZeRO-3 fp32, ``ds_configs/zero3_cpu_test.json``, no evaluation, no export) in fresh
 processes. Every rank measures its resident memory above its own baseline (after imports and the process group, before
 any model is read). The kernel's high-water mark (``VmHWM``) is reset (``/proc/self/clear_refs``) at each phase
 boundary, so each phase has its own peak: building the trained engine, building theta_0 (a second engine, or the cache
-pass), the forward and backward of every micro-step, and every optimizer step. glibc is told to return every freed block above 1 MiB to the kernel at once
+pass), the forward and backward of every micro-step, and every optimizer step; with ``--audit`` also the relearning
+audit's fine-tune (its forward, backward and optimizer steps) and its evaluations after every step. glibc is told to return every freed block above 1 MiB to the kernel at once
 (``MALLOC_MMAP_THRESHOLD_``): resident memory then follows the live tensors, which is what the plan predicts and what
 ``torch.cuda.max_memory_allocated`` measures on a GPU; without it RSS also holds freed heap memory the allocator kept.
 
@@ -58,6 +60,30 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def record(marks: dict, part: str) -> None:
+    """The peak since the last reset into ``marks["parts"]`` (max over calls), then a new high-water mark."""
+    peaks, now = marks.setdefault("parts", {}), memory_bytes()
+    for key in ("VmHWM", "cuda_peak"):
+        if key in now:
+            peaks[f"{part}_{key}"] = max(peaks.get(f"{part}_{key}", 0), now[key])
+    reset_peak()
+
+
+def measure_steps(marks: dict, engine, prefix: str = "") -> None:
+    """Each part of a training step gets its own peak: the forward (theta_0's included, and the loss terms, until
+    ``engine.backward``), the backward, the optimizer step."""
+    for name in ("backward", "step"):
+        original = getattr(engine, name)
+
+        def wrapped(*a, _original=original, _name=name, **k):
+            if _name == "backward":
+                record(marks, prefix + "forward")
+            out = _original(*a, **k)
+            record(marks, prefix + _name)
+            return out
+        setattr(engine, name, wrapped)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Worker: one rank of one measured run
 
@@ -85,26 +111,7 @@ def worker(config: str, out_dir: str) -> int:
         ref = R.build_reference(cfg, ds_config, method, engine, streams, tokenizer)
         marks["reference"] = memory_bytes()
         reset_peak()
-        # Each part of a training step has its own peak: the forward (theta_0's included), the backward, the
-        # optimizer step.
-        for name in ("backward", "step"):
-            original = getattr(engine, name)
-
-            def wrapped(*a, _original=original, _name=name, **k):
-                peaks = marks.setdefault("parts", {})
-
-                def record(part: str) -> None:
-                    now = memory_bytes()
-                    for key in ("VmHWM", "cuda_peak"):
-                        if key in now:
-                            peaks[f"{part}_{key}"] = max(peaks.get(f"{part}_{key}", 0), now[key])
-                    reset_peak()
-                if _name == "backward":
-                    record("forward")  # theta_0's forward, the trained forward and the loss terms
-                out = _original(*a, **k)
-                record(_name)
-                return out
-            setattr(engine, name, wrapped)
+        measure_steps(marks, engine)
         return ref
 
     # Each evaluation (the twin's, before, after) is a phase of its own; the twin's load counts to it.
@@ -124,6 +131,35 @@ def worker(config: str, out_dir: str) -> int:
         return out
     runner.evaluate_model = evaluate
 
+    # The relearning audit (eval.audits): its fine-tune engine's steps and its evaluations after every step (on that
+    # engine) are phases of their own; loading and building its engine, and scoring frozen models, are not measured.
+    from dsunlearn.eval import audit
+    relearn_curve, audit_evaluate = audit.relearn_curve, audit.evaluate_model
+    build_train_engine = E.build_train_engine
+    in_curve = []
+
+    def curve(*a, **k):
+        def build(*ba, **bk):
+            engine = build_train_engine(*ba, **bk)
+            measure_steps(marks, engine, prefix="audit_")
+            return engine
+        E.build_train_engine = build
+        in_curve.append(True)
+        try:
+            return relearn_curve(*a, **k)
+        finally:
+            E.build_train_engine = build_train_engine
+            in_curve.pop()
+
+    def evaluate_audit(*a, **k):
+        if not in_curve:
+            return audit_evaluate(*a, **k)
+        reset_peak()
+        out = audit_evaluate(*a, **k)
+        record(marks, "audit_evaluation")
+        return out
+    audit.relearn_curve, audit.evaluate_model = curve, evaluate_audit
+
     start = time.perf_counter()
     code = loop.unlearn(cfg, str(ZERO_GPU if torch.cuda.is_available() else ZERO), reference_factory=factory)
     marks["train"] = memory_bytes()
@@ -136,15 +172,18 @@ def worker(config: str, out_dir: str) -> int:
 # Driver
 
 def run_config(world: dict, mode: str, run_dir: Path, args) -> dict:
-    adapter = {"adapter": {"rank": args.lora_rank}} if mode == "adapters_off" else {}
+    sections = {"adapter": {"rank": args.lora_rank}} if mode == "adapters_off" else {}
     evaluation = {"splits": ["forget", "approximate"], "micro_batch_size": args.eval, "max_chunks": 8,
                   "retrained_model": world["model"], "split_check": False} if args.eval else {"splits": []}
-    return adapter | {"model": {"path": world["model"]},
+    if args.audit:  # one chunk per rank and fine-tune step
+        evaluation["audits"] = ["relearn"]
+        sections["audit"] = {"relearn_steps": args.audit, "relearn_batch_size": args.ranks}
+    return sections | {"model": {"path": world["model"]},
             "data": {k: world[k] for k in ("forget", "retain", "approximate")} | {"seq_len": args.seq_len},
             "method": {"name": "ga_kl"}, "reference": {"mode": mode, "topk": args.topk},
             "train": {"micro_batch_size": args.micro_batch_size, "num_steps": args.steps, "lr": 1e-5,
                       "warmup_ratio": 0.0, "activation_checkpointing": args.activation_checkpointing},
-            "eval": evaluation, "output": {"run_dir": str(run_dir), "save_model": False}}
+            "eval": evaluation, "output": {"run_dir": str(run_dir), "save_model": bool(args.audit)}}
 
 
 def planned(cfg_path: Path, ranks: int, zero: Path) -> dict:
@@ -195,10 +234,15 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=0, metavar="CHUNKS",
                     help="evaluate (forget and approximate splits, the model itself as the retrained twin) at this "
                          "eval.micro_batch_size, and compare the evaluation phase too; 0 = no evaluation")
+    ap.add_argument("--audit", type=int, default=0, metavar="STEPS",
+                    help="with --eval: the relearning audit (eval.audits) of this many fine-tune steps, one chunk per "
+                         "rank and step, scored at --eval chunks after every step; compare its two phases too")
     ap.add_argument("--reuse", action="store_true", help="reuse measured marks of an earlier run of the same label")
     args, _ = ap.parse_known_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
     if args.worker:
         sys.exit(worker(args.config, args.out))
+    if args.audit and not args.eval:
+        ap.error("--audit needs --eval (the audit scores the forget and approximate splits)")
 
     work = Path(args.work_dir)
     rows = []
@@ -207,7 +251,8 @@ def main() -> None:
         world = build_world(work / f"world_{size}", hidden, layers, args.vocab, args.seq_len, num_docs=8)
         for mode in args.modes:
             label = (f"{size}_{mode}_r{args.ranks}{'_ac' if args.activation_checkpointing else ''}"
-                     f"{f'_eval{args.eval}' if args.eval else ''}{'_gpu' if args.gpu else ''}")
+                     f"{f'_eval{args.eval}' if args.eval else ''}{f'_audit{args.audit}' if args.audit else ''}"
+                     f"{'_gpu' if args.gpu else ''}")
             cfg_path, marks = measure(world, mode, work, label, args)
             print(f"{label}: measured", file=sys.stderr)
             if not args.measure_only:
@@ -221,20 +266,23 @@ def main() -> None:
           f"tokens, top-k {args.topk}, {args.steps} steps, activation checkpointing "
           f"{'on' if args.activation_checkpointing else 'off'}. Memory above each rank's baseline, max over ranks, "
           f"MiB.\n`{command.strip()}`\n")
-    print("| model | θ0 | build: plan / measured | θ0 build: plan / measured | forward/backward: plan / measured | "
-          "optimizer step: plan / measured | " + ("evaluation: plan / measured | " if args.eval else "") +
-          "peak: plan / measured | plan / measured |")
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.eval else ""))
+    names = ("engine", "reference", "forward/backward", "optimizer step") + (("evaluation",) if args.eval else ()) \
+        + (("relearn audit", "relearn audit evaluation") if args.audit else ())
+    headers = ("build", "θ0 build") + names[2:]
+    print("| model | θ0 | " + "".join(f"{h}: plan / measured | " for h in headers) + "peak: plan / measured | "
+          "plan / measured |")
+    print("|---|---|" + "---|" * len(names) + "---|---|")
+    # A phase the plan names -> the measured parts it covers.
+    parts = {"forward/backward": ("forward", "backward"), "optimizer step": ("step",), "evaluation": ("evaluation",),
+             "relearn audit": ("audit_forward", "audit_backward", "audit_step"),
+             "relearn audit evaluation": ("audit_evaluation",)}
     for world, size, mode, plan, marks in rows:
         def above(phase: str) -> float:
             key, base = ("cuda_peak", "cuda") if args.gpu else ("VmHWM", "VmRSS")
-            if phase in ("forward/backward", "optimizer step", "evaluation"):
-                parts = {"forward/backward": ("forward", "backward"), "optimizer step": ("step",),
-                         "evaluation": ("evaluation",)}[phase]
+            if phase in parts:
                 return max(m["parts"][f"{part}_{key}"] - m["baseline"][base] for m in marks.values()
-                           for part in parts) / MIB
+                           for part in parts[phase]) / MIB
             return max(m[phase][key] - m["baseline"][base] for m in marks.values()) / MIB
-        names = ("engine", "reference", "forward/backward", "optimizer step") + (("evaluation",) if args.eval else ())
         phases = plan["phases"]
         measured = {ph: above(ph) for ph in names}
         peak = max(measured.values())

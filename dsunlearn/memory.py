@@ -16,6 +16,9 @@ A run peaks in one of its phases, each planned on its own; the plan's peak is th
   statistic, with the run's engines in memory, and the retrained twin's (``eval.retrained_model``) while it is scored.
 - ``relearn audit`` (``eval.audits``): the audit's full fine-tune of the exported model (every weight, also after a
   LoRA run) on ``audit.relearn_batch_size`` chunks, after the run's engines are released.
+- ``relearn audit evaluation``: the audit scores its splits after every fine-tune step, on the same train engine (its
+  optimizer states allocated): the evaluation phase's no-grad forward at ``eval.micro_batch_size``, beside the
+  audit's model states.
 
 Where the numbers come from:
 
@@ -416,25 +419,52 @@ def _phases(counts: ModelCounts, adapter_params: int, ds_config: dict, world_siz
 
 def relearn_audit_prepared(p):
     """The relearning audit's fine-tune (``eval/audit.py``) as a run of its own: every weight trains (an adapter run
-    is audited on its merged model), plain language modelling on ``audit.relearn_batch_size`` chunks per step."""
+    is audited on its merged model), plain language modelling on ``audit.relearn_batch_size`` chunks per step, and
+    the held-out forget and the approximate split scored after every step (at ``eval.micro_batch_size``)."""
     from .eval.audit import relearn_config
+    from .eval.verdict import MEMBER_SPLIT, NONMEMBER_SPLIT
     from .pretrain import LanguageModeling
     cfg = relearn_config(p.cfg, p.world_size)
     cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, rank=0),
                               train=dataclasses.replace(cfg.train, retain_ratio=1),
-                              eval=dataclasses.replace(cfg.eval, splits=()))
+                              eval=dataclasses.replace(cfg.eval, splits=(MEMBER_SPLIT, NONMEMBER_SPLIT)))
     return dataclasses.replace(p, cfg=cfg, method=LanguageModeling(), weights={"train": 1.0})
 
 
-def relearn_audit_peak(p, activation_checkpointing: bool) -> int:
-    """Per-device peak of the relearning audit, which runs after the run's engines are released (its engine follows
-    ``train.activation_checkpointing``)."""
+AUDIT_PHASES = ("relearn audit", "relearn audit evaluation")
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    """The relearning audit, planned as a run of its own (``relearn_audit_prepared``), after the run's engines are
+    released."""
+    prepared: object
+    counts: ModelCounts
+    transient: dict
+
+    def phases(self, **transient) -> dict[str, int]:
+        """The audit's phases, with ``transient`` changed: ``relearn audit`` (the fine-tune's forward/backward and
+        optimizer step) and ``relearn audit evaluation`` (the scoring after every step: the evaluation phase of the
+        audit's train engine, Adam's moments allocated)."""
+        q = self.prepared
+        _, phases = _phases(self.counts, 0, q.ds_config, q.world_size, "none", False, self.transient | transient)
+        out = {"relearn audit": max(phases["forward/backward"], phases["optimizer step"])}
+        if "evaluation" in phases:
+            out["relearn audit evaluation"] = phases["evaluation"]
+        return out
+
+
+def relearn_audit_plan(p, activation_checkpointing: bool, eval_pass: Optional[int] = None) -> AuditPlan:
+    """The relearning audit of ``p``'s run (its engine follows ``train.activation_checkpointing``). ``eval_pass``:
+    the audit's evaluation pass when already simulated (checkpointing does not change it)."""
     q = relearn_audit_prepared(p)
     counts = count_parameters(planned_model(q))
-    transient = simulate(q, activation_checkpointing, "none")
+    if eval_pass is None:
+        transient = simulate(q, activation_checkpointing, "none")
+    else:
+        transient = simulate(q, activation_checkpointing, "none", no_grad_passes=False) | {"eval_pass": eval_pass}
     transient["optimizer_step"] = optimizer_step_bytes(counts, q.ds_config, q.world_size, q.cfg.train)
-    _, phases = _phases(counts, 0, q.ds_config, q.world_size, "none", False, transient)
-    return max(phases["forward/backward"], phases["optimizer step"])
+    return AuditPlan(q, counts, transient)
 
 
 def plan_memory(p, device_memory: Optional[int] = None) -> dict:
@@ -451,11 +481,13 @@ def plan_memory(p, device_memory: Optional[int] = None) -> dict:
     variants = {}
     step = optimizer_step_bytes(counts, p.ds_config, p.world_size, cfg.train)
     incomplete = None
+    audit_eval_pass = None  # the audit's evaluation pass: the same in both variants
     for checkpointing in (False, True):
         audit = None
         if "relearn" in p.audits:
             try:
-                audit = relearn_audit_peak(p, checkpointing)
+                audit = relearn_audit_plan(p, checkpointing, audit_eval_pass)
+                audit_eval_pass = audit.transient["eval_pass"]
             except Exception as e:  # see below
                 incomplete = (f"the relearning audit could not be run on fake tensors ({type(e).__name__}: "
                               f"{str(e)[:200]})")
@@ -474,9 +506,9 @@ def plan_memory(p, device_memory: Optional[int] = None) -> dict:
         transient["twin"] = bool(cfg.eval.retrained_model)
         terms, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, transient)
         if audit is not None:
-            phases["relearn audit"] = audit
+            phases.update(audit.phases())
         variants[checkpointing] = {"terms": terms, "phases": phases, "peak_bytes": max(phases.values()),
-                                   "transient": transient}
+                                   "transient": transient, "audit": audit}
     tokens = sum(method.stream_batch_size(n, cfg.train) for n in method.streams) * cfg.data.seq_len
     # The trained forward's [tokens, vocab] logits and their gradient (in the model's dtype; the loss terms upcast
     # row blocks only): part of the simulated transient, shown on its own.
@@ -504,12 +536,99 @@ def plan_memory(p, device_memory: Optional[int] = None) -> dict:
     return plan
 
 
+class _Fit:
+    """What the fit check's knobs start from: the chosen variant of the plan, and the computation each knob repeats
+    with one input changed (recompute the phases, take the peak)."""
+
+    def __init__(self, plan: dict, variants: dict, counts: ModelCounts, adapter_params: int, p, mode: str,
+                 needs: bool, budget: int):
+        self.plan, self.variants, self.counts, self.adapter_params = plan, variants, counts, adapter_params
+        self.p, self.cfg, self.t, self.mode, self.needs, self.budget = p, p.cfg, p.cfg.train, mode, needs, budget
+        self.chosen = plan["activation_checkpointing"]
+        self.transient = variants[self.chosen]["transient"]
+        self.audit: Optional[AuditPlan] = variants[self.chosen]["audit"]
+        self.stage, self.zero = zero_stage(p.ds_config), p.ds_config.get("zero_optimization", {})
+
+    def peak(self, ds_config: Optional[dict] = None, world_size: Optional[int] = None, mode: Optional[str] = None,
+             audit: Optional[dict] = None, **transient) -> int:
+        """The peak with the unlearning run's ZeRO JSON, world size, theta_0 mode or transient bytes changed. The
+        audit's phases stay as planned (a knob on the unlearning run leaves them), unless ``audit`` replaces them."""
+        _, phases = _phases(self.counts, self.adapter_params, ds_config or self.p.ds_config,
+                            world_size or self.p.world_size, mode or self.mode, self.needs, self.transient | transient)
+        if audit is None:
+            audit = {k: v for k, v in self.plan["phases"].items() if k in AUDIT_PHASES}
+        return max(phases.values()) if not audit else max(max(phases.values()), max(audit.values()))
+
+
+def _eval_batch_knob(f: _Fit):
+    b = f.cfg.eval.micro_batch_size
+    audit = f.audit.phases(eval_pass=f.audit.transient["eval_pass"] // b) if f.audit else None
+    return "set eval.micro_batch_size to 1", f.peak(eval_pass=f.transient["eval_pass"] // b, audit=audit)
+
+
+def _audit_batch_knob(f: _Fit):
+    w = f.p.world_size
+    smaller = dataclasses.replace(f.p, cfg=dataclasses.replace(
+        f.cfg, audit=dataclasses.replace(f.cfg.audit, relearn_batch_size=w)))
+    audit = relearn_audit_plan(smaller, f.chosen, f.audit.transient["eval_pass"]).phases()
+    return (f"set audit.relearn_batch_size to {w} (one chunk per device), or run `dsunlearn audit` later on more "
+            f"devices", f.peak(audit=audit))
+
+
+def _cache_knob(f: _Fit):
+    # theta_0's and the evaluation's no-grad passes do not depend on the mode: only the micro-step is simulated again.
+    step = simulate(f.p, f.chosen, "cache", no_grad_passes=False)["step"]
+    return 'set reference.mode to "cache"', f.peak(mode="cache", step=step)
+
+
+def _micro_batch_knob(f: _Fit):
+    b = f.t.micro_batch_size
+    return (f"set train.micro_batch_size to 1 and train.grad_accum to {f.t.grad_accum * b} (same global batch)",
+            f.peak(step=f.transient["step"] // b, theta0_pass=f.transient["theta0_pass"] // b))
+
+
+def _offload_knob(f: _Fit):
+    offloaded = {**f.p.ds_config, "zero_optimization": {**f.zero, "offload_optimizer": {"device": "cpu"}}}
+    return ('offload the optimizer: "offload_optimizer": {"device": "cpu"} in the ZeRO JSON '
+            '(ds_configs/zero3_offload.json)', f.peak(ds_config=offloaded, optimizer_step=0))  # the step runs on the host
+
+
+def _devices_knob(f: _Fit):
+    for ranks in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+        g = f.p.world_size * ranks
+        peak = f.peak(world_size=g, optimizer_step=optimizer_step_bytes(f.counts, f.p.ds_config, g, f.t))
+        if peak <= f.budget or ranks == 512:
+            return f"run on {g} devices (ZeRO-3 shards the model states over all of them)", peak
+
+
+KNOBS = (
+    # (when it applies, the knob and the peak after it; None: not planned), in the order that costs the run least:
+    # knobs that leave the unlearning untouched when their phase is the peak, activation checkpointing (a third more
+    # compute), theta_0 as a cache (one pass before training), a smaller micro-batch (more accumulation steps, same
+    # batch), optimizer offload (host memory and PCIe traffic), more devices, LoRA (a different method).
+    (lambda f: f.plan["peak_phase"] in ("evaluation", "relearn audit evaluation") and f.cfg.eval.micro_batch_size > 1,
+     _eval_batch_knob),
+    (lambda f: f.plan["peak_phase"] == "relearn audit" and f.cfg.audit.relearn_batch_size > f.p.world_size,
+     _audit_batch_knob),
+    (lambda f: not f.chosen,
+     lambda f: ("set train.activation_checkpointing to true", f.variants[True]["peak_bytes"])),
+    (lambda f: f.needs and f.mode == "engine" and "incomplete" not in f.plan, _cache_knob),
+    (lambda f: f.t.micro_batch_size > 1, _micro_batch_knob),
+    (lambda f: f.stage > 0 and not _offload(f.zero, "offload_optimizer"), _offload_knob),
+    (lambda f: f.stage == 3, _devices_knob),
+    (lambda f: f.stage != 3, lambda f: ("use ZeRO-3 (ds_configs/zero3.json) to shard the weights too", None)),
+    (lambda f: f.cfg.adapter.rank == 0,
+     lambda f: ("train a LoRA adapter (adapter.rank, e.g. 16): only the adapters have gradients and optimizer "
+                "states", None)),
+)
+"""The fit check's knobs, walked in order by ``fit``; each changes one thing and says what the peak becomes."""
+
+
 def fit(plan: dict, variants: dict, counts: ModelCounts, adapter_params: int, p, mode: str, needs: bool,
         device_memory: int) -> dict:
     """Does the plan fit in ``device_memory`` (less ``HEADROOM``)? If not: the terms over budget, largest first,
-    and the first knob, in the order that costs the run least: activation checkpointing (a third more compute),
-    theta_0 as a cache (one pass before training), a smaller micro-batch (more accumulation steps, same batch),
-    optimizer offload (host memory and PCIe traffic), more devices, LoRA (a different method)."""
+    and the first knob (``KNOBS``, in the order that costs the run least) that makes it fit, or else the one that
+    saves the most."""
     budget = int(device_memory * (1 - HEADROOM))
     peak = plan["peak_bytes"]
     out = {"device_memory": device_memory, "budget_bytes": budget, "fits": peak <= budget}
@@ -521,65 +640,10 @@ def fit(plan: dict, variants: dict, counts: ModelCounts, adapter_params: int, p,
     if out["fits"]:
         out["verdict"] = f"fits: peak {fmt(peak)} of {fmt(budget)} usable ({fmt(device_memory)} less {HEADROOM:.0%})"
         return out
-    chosen = plan["activation_checkpointing"]
-    terms = variants[chosen]["terms"]
+    terms = variants[plan["activation_checkpointing"]]["terms"]
     out["exceeds"] = [f"{name}: {fmt(v)}" for name, v in sorted(terms.items(), key=lambda kv: -kv[1]) if v > 0][:3]
-    cfg, t = p.cfg, p.cfg.train
-    audit = plan["phases"].get("relearn audit", 0)
-
-    def peak_of(phases: dict) -> int:  # a knob on the unlearning run leaves the audit's own peak as it is
-        return max(max(phases.values()), audit)
-    candidates = []
-    # Knobs that leave the unlearning untouched come first when their phase is the peak.
-    if plan["peak_phase"] == "evaluation" and cfg.eval.micro_batch_size > 1:
-        one = {**variants[chosen]["transient"]}
-        one["eval_pass"] = one["eval_pass"] // cfg.eval.micro_batch_size
-        _, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, one)
-        candidates.append(("set eval.micro_batch_size to 1", peak_of(phases)))
-    if plan["peak_phase"] == "relearn audit" and cfg.audit.relearn_batch_size > p.world_size:
-        smaller = dataclasses.replace(p, cfg=dataclasses.replace(
-            cfg, audit=dataclasses.replace(cfg.audit, relearn_batch_size=p.world_size)))
-        candidates.append((f"set audit.relearn_batch_size to {p.world_size} (one chunk per device), or run "
-                           f"`dsunlearn audit` later on more devices",
-                           max(max(variants[chosen]["phases"][k] for k in variants[chosen]["phases"]
-                                   if k != "relearn audit"), relearn_audit_peak(smaller, chosen))))
-    if not chosen:
-        candidates.append(("set train.activation_checkpointing to true", variants[True]["peak_bytes"]))
-    if needs and mode == "engine" and "incomplete" not in plan:
-        transient = simulate(p, chosen, "cache") | {k: variants[chosen]["transient"][k] for k in ("optimizer_step",
-                                                                                                "twin")}
-        transient["labels_pass"] = variants[chosen]["transient"].get("labels_pass", 0)
-        _, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, "cache", needs, transient)
-        candidates.append(('set reference.mode to "cache"', peak_of(phases)))
-    if t.micro_batch_size > 1:
-        smaller = dict(variants[chosen]["transient"])
-        smaller["step"] = smaller["step"] // t.micro_batch_size
-        smaller["theta0_pass"] = smaller["theta0_pass"] // t.micro_batch_size
-        _, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, smaller)
-        candidates.append((f"set train.micro_batch_size to 1 and train.grad_accum to "
-                           f"{t.grad_accum * t.micro_batch_size} (same global batch)", peak_of(phases)))
-    zero = p.ds_config.get("zero_optimization", {})
-    if zero_stage(p.ds_config) > 0 and not _offload(zero, "offload_optimizer"):
-        offloaded = {**p.ds_config, "zero_optimization": {**zero, "offload_optimizer": {"device": "cpu"}}}
-        transient = {**variants[chosen]["transient"], "optimizer_step": 0}  # the step runs on the host
-        _, phases = _phases(counts, adapter_params, offloaded, p.world_size, mode, needs, transient)
-        candidates.append(('offload the optimizer: "offload_optimizer": {"device": "cpu"} in the ZeRO JSON '
-                           '(ds_configs/zero3_offload.json)', peak_of(phases)))
-    if zero_stage(p.ds_config) == 3:
-        for ranks in (2, 4, 8, 16, 32, 64, 128, 256, 512):
-            g = p.world_size * ranks
-            transient = {**variants[chosen]["transient"],
-                         "optimizer_step": optimizer_step_bytes(counts, p.ds_config, g, t)}
-            _, phases = _phases(counts, adapter_params, p.ds_config, g, mode, needs, transient)
-            if peak_of(phases) <= budget or ranks == 512:
-                candidates.append((f"run on {g} devices (ZeRO-3 shards the model states over all of them)",
-                                   peak_of(phases)))
-                break
-    else:
-        candidates.append(("use ZeRO-3 (ds_configs/zero3.json) to shard the weights too", None))
-    if cfg.adapter.rank == 0:
-        candidates.append(("train a LoRA adapter (adapter.rank, e.g. 16): only the adapters have gradients and "
-                           "optimizer states", None))
+    f = _Fit(plan, variants, counts, adapter_params, p, mode, needs, budget)
+    candidates = [knob(f) for applies, knob in KNOBS if applies(f)]
     fitting = [(knob, new_peak) for knob, new_peak in candidates if new_peak is not None and new_peak <= budget]
     if fitting:
         (out["first_knob"], after), out["knob_fits"] = fitting[0], True

@@ -319,3 +319,26 @@ def test_the_twin_scored_before_training_is_freed_before_training(toy_world, tmp
                                                          "split_check": False})
     assert loop.unlearn(load_run_config(str(cfg)), CPU_ZERO3) == 0
     assert partitions and alive_at_step == [0]
+
+
+def test_the_relearn_audits_evaluations_are_a_phase_of_their_own(toy_world, tmp_path):
+    """The relearning audit scores its splits after every fine-tune step at eval.micro_batch_size, on its train engine
+    (every weight trained, optimizer states allocated). After a LoRA run that peaks above anything the run itself
+    does, and the fit check must say so: a device between the run's peak and the audit's was once called a fit."""
+    audited = dict(method={"name": "ga_gd"}, adapter={"rank": 4}, audit={"relearn_batch_size": 1},
+                   eval={"audits": ["relearn"], "micro_batch_size": 64})
+    p = _prepared(toy_world, tmp_path, **audited)
+    plan = plan_memory(p)
+    phases = plan["phases"]
+    assert plan["peak_phase"] == "relearn audit evaluation" and plan["peak_bytes"] == phases["relearn audit evaluation"]
+    run_peak = max(v for k, v in phases.items() if not k.startswith("relearn audit"))
+    assert phases["relearn audit evaluation"] > max(run_peak, phases["relearn audit"])
+    # The evaluation phase of a full fine-tune of the same model (no theta_0, no twin): the same machinery.
+    full = plan_memory(_prepared(toy_world, tmp_path, method={"name": "ga_gd"}, eval={"micro_batch_size": 64}))
+    assert phases["relearn audit evaluation"] == full["phases"]["evaluation"]
+
+    tight = plan_memory(p, device_memory=int((run_peak + plan["peak_bytes"]) / 2 / (1 - HEADROOM)))
+    assert not tight["fits"] and tight["knob_fits"] and tight["first_knob"] == "set eval.micro_batch_size to 1"
+    one = plan_memory(_prepared(toy_world, tmp_path, **{**audited, "eval": {"audits": ["relearn"],
+                                                                            "micro_batch_size": 1}}))
+    assert tight["peak_after_knob"] == one["peak_bytes"] < tight["budget_bytes"]
