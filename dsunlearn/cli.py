@@ -152,18 +152,24 @@ def cmd_unlearn(args) -> int:
 def dry_run(cfg, zero_path: str, world_size: int, after=None, device_memory: Optional[str] = None) -> int:
     """Everything a launch checks before it starts (``prepare``), without a process group or any weights, and the
     per-device memory plan (``memory.py``): JSON on stdout, the plan as a table on stderr. Exit code 1 when
-    ``device_memory`` is given and the plan does not fit (or cannot tell)."""
+    ``device_memory`` is given and the plan does not fit (or cannot tell). A model directory without weights
+    (config.json and the tokenizer) is planned, and said to be unchecked (``weights_not_checked``)."""
+    from . import engine as E
     from .chain import earlier_forget_sets, plan_request
     from .logs import quiet_torchao
     from .memory import parse_memory, plan_memory, plan_table
     from .prepare import prepare
     budget = parse_memory(device_memory) if device_memory else None
-    cfg, chain = plan_request(cfg, after)
-    p = prepare(cfg, zero_path, world_size, earlier=earlier_forget_sets(chain))
+    with E.weights_not_checked() as unchecked:
+        cfg, chain = plan_request(cfg, after, dry_run=True)
+        p = prepare(cfg, zero_path, world_size, earlier=earlier_forget_sets(chain))
     with quiet_torchao():  # transformers imports torchao with the model classes the plan builds on the meta device
         plan = plan_memory(p, budget)
     print(json.dumps({"run_config": to_dict(cfg), "zero_config": p.ds_config, "world_size": world_size,
-                      "num_steps": p.num_steps, "chain": chain, "memory_plan": plan}, indent=2))
+                      "num_steps": p.num_steps, "chain": chain, "weights_not_checked": unchecked,
+                      "memory_plan": plan}, indent=2))
+    for line in unchecked:
+        print(f"weights not checked (a dry run reads none); a real run stops: {line}", file=sys.stderr)
     print(plan_table(plan), file=sys.stderr)
     return 1 if budget is not None and plan["fits"] is not True else 0
 

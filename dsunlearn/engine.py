@@ -5,6 +5,7 @@ Methods and metrics never import this module's dependencies; they see tensors on
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -214,8 +215,25 @@ def torch_dtype(ds_config: dict) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_config)]
 
 
+_UNCHECKED_WEIGHTS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("unchecked_weights", default=None)
+
+
+@contextlib.contextmanager
+def weights_not_checked():
+    """For ``--dry-run``, which reads no weights: inside, ``check_model_dir`` lets a model directory without weights
+    (config.json and the tokenizer only, enough for the memory plan) pass and records the refusal a real run would
+    give instead. Yields that list of messages (one per directory)."""
+    notes: list = []
+    token = _UNCHECKED_WEIGHTS.set(notes)
+    try:
+        yield notes
+    finally:
+        _UNCHECKED_WEIGHTS.reset(token)
+
+
 def check_model_dir(cfg: RunConfig) -> None:
-    """Fail early, on one line, for the model-directory mistakes a user makes."""
+    """Fail early, on one line, for the model-directory mistakes a user makes. Inside ``weights_not_checked`` a
+    directory without weights is recorded there instead of refused."""
     path = Path(cfg.model.path)
     if not cfg.model.path:
         raise ConfigError("model.path: required (a local Hugging Face model directory)")
@@ -230,7 +248,12 @@ def check_model_dir(cfg: RunConfig) -> None:
         other = [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
         hint = (f" (found {', '.join(other)}: pickle files run code when loaded; convert them, or set "
                 f"model.use_safetensors=false only if you trust them)") if other else ""
-        raise ConfigError(f"model.path: {path} has no .safetensors weights{hint}")
+        message = f"model.path: {path} has no .safetensors weights{hint}"
+        unchecked = _UNCHECKED_WEIGHTS.get()
+        if unchecked is None:
+            raise ConfigError(message)
+        if message not in unchecked:
+            unchecked.append(message)
 
 
 def load_tokenizer(cfg: RunConfig):

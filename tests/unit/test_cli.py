@@ -148,3 +148,30 @@ def test_eval_scores_a_model_directory_on_its_own(toy_world, tmp_path, capsys):
     # 24 GB of RAM).
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     assert not is_deepspeed_zero3_enabled()
+
+
+def test_dry_run_plans_a_model_directory_without_weights(toy_world, tmp_path, capsys):
+    """The memory plan reads no weights, so --dry-run takes a directory with only config.json and the tokenizer (the
+    7B plan in docs/distributed.md) and says the weights were not checked; a real run still refuses it."""
+    from transformers import AutoConfig, AutoTokenizer
+    from helpers import CPU_ZERO3
+    shape = tmp_path / "shape"
+    AutoConfig.from_pretrained(toy_world["model"]).save_pretrained(shape)
+    AutoTokenizer.from_pretrained(toy_world["model"]).save_pretrained(shape)
+    assert (shape / "config.json").is_file() and not list(shape.glob("*.safetensors"))
+    refusal = f"model.path: {shape} has no .safetensors weights"
+    cfg = write_run_config(tmp_path / "run.json", toy_world, tmp_path / "run", model={"path": str(shape)})
+    args = ["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]
+    assert main(args + ["--dry-run"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["weights_not_checked"] == [refusal] and out["memory_plan"]["peak_bytes"] > 0
+    assert f"weights not checked (a dry run reads none); a real run stops: {refusal}" in captured.err
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"dsunlearn: error: {refusal}"
+    assert not (tmp_path / "run").exists()
+    # With weights there is nothing to say.
+    cfg = write_run_config(tmp_path / "run.json", toy_world, tmp_path / "run")
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["weights_not_checked"] == [] and "weights not checked" not in captured.err
