@@ -92,9 +92,16 @@ def shutdown_distributed() -> None:
     """Destroy the process group before the interpreter exits (the launcher path only: in-process callers of
     ``cli.main`` keep theirs). PyTorch warns that a group left to interpreter teardown can, in rare cases, make the
     process exit non-zero after its work is done; one such exit (250, after a completed run) was seen once in CI."""
+    import datetime
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):  # a failed teardown must not turn a finished run into a failure
+            # Every rank tears down together: a rank that destroyed its gloo group while another was still
+            # finishing was seen to abort at exit ("terminate called without an active exception", code 250).
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
             dist.destroy_process_group()
 
 

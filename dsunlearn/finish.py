@@ -12,9 +12,10 @@
     summary            summary.json, always                                           rank 0
 
 These parts describe and keep the work; a failure in one must neither lose what exists nor leave a rank waiting.
-Before every part that ranks take together, one all-reduce tells each rank whether any rank has failed so far. If one
-has, every rank skips the remaining collective parts, still writes what it has (report, summary: with the errors)
-and raises the first error at the end. Rank-0-only work inside a collective part (writing ``model/``, hashing it)
+Before every part that ranks take together, one all-reduce tells each rank whether such a part has failed on any
+rank. If one has (the ranks' states may differ), every rank skips the remaining collective parts, still writes what
+it has (report, summary: with the errors). A part a rank runs alone (cost, report) stops nothing when it fails. At
+the end one more all-reduce makes every rank raise when any rank failed anywhere. Rank-0-only work inside a collective part (writing ``model/``, hashing it)
 reaches the other ranks through ``engine.together`` / ``engine.from_main``.
 """
 from __future__ import annotations
@@ -38,9 +39,11 @@ log = logging.getLogger(__name__)
 class Parts:
     """Runs the finishing parts in order and keeps their errors (the first is raised by ``raise_first``)."""
     errors: list = field(default_factory=list)
+    collective_failed: bool = False
+    """A part that ranks take together failed here: the ranks' states may differ, so no collective part follows."""
 
     def local(self, what: str, build: Callable[[], Any]):
-        """A part each rank runs alone; on failure: logged, kept, None."""
+        """A part each rank runs alone; on failure: logged, kept, None. Its failure stops nothing that follows."""
         try:
             return build()
         except Exception as e:  # noqa: BLE001 - raised by raise_first once everything that exists is written
@@ -48,20 +51,24 @@ class Parts:
             self.errors.append(e)
             return None
 
-    def agree(self, before: str) -> bool:
-        """One all-reduce: has any rank failed so far? A rank that has not learns it as a ``FailedElsewhere``."""
-        if not E.any_rank_failed(bool(self.errors)):
+    def agree(self, before: str, failed: bool) -> bool:
+        """One all-reduce: has any rank ``failed``? A rank that has not learns it as a ``FailedElsewhere``."""
+        if not E.any_rank_failed(failed):
             return False
-        if not self.errors:
+        if not failed:
             self.errors.append(E.FailedElsewhere(f"a part before {before} failed on another rank (see its log)"))
         return True
 
     def together(self, what: str, build: Callable[[], Any]):
-        """A part every rank runs together: skipped on every rank once any rank has failed."""
-        if self.agree(what):
+        """A part every rank runs together: skipped on every rank once a collective part failed on any rank."""
+        if self.agree(what, self.collective_failed):
+            self.collective_failed = True
             log.warning("%s skipped: an earlier part failed", what)
             return None
-        return self.local(what, build)
+        failures = len(self.errors)
+        out = self.local(what, build)
+        self.collective_failed = len(self.errors) > failures
+        return out
 
     def raise_first(self) -> None:
         if self.errors:
@@ -110,7 +117,7 @@ def finish_run(run, state, num_steps: int, exit_code: int, logger, evaluator, st
         parts.local("evaluation report",
                     lambda: evaluator.finish(state, extra={**extra, "model_exported": model_dir.is_dir(),
                                                            "errors": errors()}))
-    parts.agree("the summary")  # every rank ends with an error, or none does
+    parts.agree("the summary", bool(parts.errors))  # every rank ends with an error, or none does
     if E.is_main():
         parts.local("summary", lambda: write_json_atomic(run_dir / "summary.json", {
             "steps": state.step, "num_steps": num_steps, "stop_reason": state.stop_reason, "exit_code": exit_code,
