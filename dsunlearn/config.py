@@ -189,6 +189,10 @@ class EvalConfig:
     """Check that the approximate set differs from the forget set in membership only (blind baseline, loss gap)."""
     split_check_auc_band: float = 0.15
     """The blind baseline passes when its AUC is within 0.5 +- band (its noise is ~0.07 at 50 documents per set)."""
+    selection_fraction: float = 0.5
+    """With the stop rule on: the fraction of each split's documents (seeded) on which the exported step is chosen;
+    the verdict is reported on the other documents, as validation and test sets. 0 chooses and reports on all
+    chunks (an optimistic verdict)."""
     allow_unjudged: bool = False
     """With the stop rule on, a run whose evaluation before unlearning cannot judge the forget set (it already looks
     unseen, or the split check failed) stops before the first step, exports nothing and exits with code 4. True
@@ -463,6 +467,8 @@ def validate(cfg: RunConfig) -> None:
         (e.micro_batch_size >= 1, "eval.micro_batch_size: expected >= 1"),
         (e.max_chunks is None or e.max_chunks >= 1, "eval.max_chunks: expected >= 1 or null"),
         (e.stop_tolerance >= 0, "eval.stop_tolerance: expected >= 0"),
+        (0 <= e.selection_fraction < 1, f"eval.selection_fraction: expected 0 <= fraction < 1, got "
+                                        f"{e.selection_fraction}"),
         (not rule_on or e.every_n_steps > 0,
          "eval.stop_tolerance > 0 needs eval.every_n_steps > 0: the stop rule is checked at evaluations"),
         (e.auc_band is None or 0 < e.auc_band < 0.5, "eval.auc_band: expected 0 < band < 0.5 or null"),

@@ -64,6 +64,18 @@ def distance_line(distance: dict) -> str:
     return "; ".join(parts) or "–"
 
 
+def parts_lines(parts: Optional[dict]) -> list[str]:
+    """Which documents chose the exported step and which the figures below are reported on, and how many."""
+    if not parts:
+        return []
+    def size(part):
+        return ", ".join(f"{name} {s[part]['documents']} docs / {s[part]['chunks']} chunks"
+                         for name, s in parts["sizes"].items())
+    return [f"- the step was chosen on the selection part ({size(parts['chosen_on'])}); every figure below is "
+            f"reported on the disjoint report part ({size(parts['reported_on'])}); split by document, seeded, "
+            f"eval.selection_fraction={parts['fraction']}"]
+
+
 def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], retrained: Optional[dict],
                  extra_sections: Optional[list[str]] = None, split_check: Optional[dict] = None) -> Path:
     run_dir = Path(run_dir)
@@ -103,6 +115,7 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
              f"- **verdict: {metrics.get('verdict')}**{caveat}",
              f"- distance to retraining: {distance_line(metrics.get('distance_to_retraining') or {})}",
              f"- target forget loss: {_fmt(metrics.get('after', {}).get('target'))} ({metrics.get('stop_target')})",
+             *parts_lines(metrics.get("parts")),
              *(["- a later removal request: the target and utility are measured against the chain's original model "
                 f"(`{metrics['chain']['original']['path']}`), not the previous request's result"]
                if metrics.get("original") and metrics.get("chain") else []), "",

@@ -42,6 +42,10 @@ class EvalSplit:
     name: str
     input_ids: list  # list of token-id lists, one per chunk (unpadded)
     texts: list      # decoded text per chunk (zlib attack)
+    doc_index: Optional[list] = None  # the document of each chunk (None: one each); the parts split by document
+
+    def documents(self) -> list:
+        return self.doc_index if self.doc_index is not None else list(range(len(self.input_ids)))
 
 
 def eval_split(name: str, chunks, cfg: RunConfig, tokenizer) -> EvalSplit:
@@ -51,7 +55,54 @@ def eval_split(name: str, chunks, cfg: RunConfig, tokenizer) -> EvalSplit:
         rng = np.random.default_rng([cfg.train.seed, len(chunks)])
         chunks = chunks.select(np.sort(rng.choice(len(chunks), cfg.eval.max_chunks, replace=False)))
     ids = [list(x) for x in chunks["input_ids"]]
-    return EvalSplit(name=name, input_ids=ids, texts=tokenizer.batch_decode(ids, skip_special_tokens=True))
+    return EvalSplit(name=name, input_ids=ids, texts=tokenizer.batch_decode(ids, skip_special_tokens=True),
+                     doc_index=list(chunks["doc_index"]))
+
+
+SELECTION, REPORT = "selection", "report"
+"""The two parts of every evaluated split when the run chooses its exported step: the step is chosen on one, the
+verdict is reported on the other (``document_parts``)."""
+
+
+def document_parts(splits: dict[str, EvalSplit], fraction: float, seed: int) -> Optional[dict]:
+    """``{split: {"selection": chunk indices, "report": chunk indices}}``: each split's documents, shuffled by a
+    generator seeded with ``seed`` and the split's document count (so one file splits the same way in every run, and
+    as ``forget@k`` in a later request), cut at ``fraction``: those documents choose the step, the others report, as
+    validation and test sets. A split of one document cannot be cut: both parts are all of it. None: ``fraction`` 0.
+    """
+    if not fraction:
+        return None
+    out = {}
+    for name, split in splits.items():
+        of_chunk = split.documents()
+        docs = np.array(sorted(set(of_chunk)))
+        if len(docs) < 2:
+            every = list(range(len(of_chunk)))
+            out[name] = {SELECTION: every, REPORT: every}
+            continue
+        order = np.random.default_rng([seed, len(docs), 1013]).permutation(docs)
+        cut = min(len(docs) - 1, max(1, int(round(fraction * len(docs)))))
+        chosen = set(order[:cut].tolist())
+        out[name] = {SELECTION: [i for i, d in enumerate(of_chunk) if d in chosen],
+                     REPORT: [i for i, d in enumerate(of_chunk) if d not in chosen]}
+    return out
+
+
+def part_sizes(splits: dict[str, EvalSplit], parts: dict) -> dict:
+    """Documents and chunks of each part of each split (metrics.json, the report)."""
+    out = {}
+    for name, by_part in parts.items():
+        of_chunk = splits[name].documents()
+        out[name] = {part: {"documents": len({of_chunk[i] for i in rows}), "chunks": len(rows)}
+                     for part, rows in by_part.items()}
+    return out
+
+
+def part_of(result: Optional[dict], part: Optional[str]) -> Optional[dict]:
+    """The figures of one part of an evaluation (the whole evaluation when it was not split, or ``part`` is None)."""
+    if result is None or part is None:
+        return result
+    return result.get("parts", {}).get(part, result)
 
 
 def load_eval_splits(cfg: RunConfig, tokenizer, streams: dict) -> dict[str, EvalSplit]:
@@ -95,17 +146,29 @@ def attack_reports(members: dict, nonmembers: dict, exclude: tuple = ()) -> dict
 
 
 def evaluate_model(model_engine, splits: dict[str, EvalSplit], cfg: RunConfig, pad_id: int, mia: bool = True,
-                   ref_nll: Optional[dict] = None) -> dict:
-    """Metrics of every split, membership attacks (forget = members, approximate = non-members), per-chunk losses."""
+                   ref_nll: Optional[dict] = None, parts: Optional[dict] = None) -> dict:
+    """Metrics of every split, membership attacks (forget = members, approximate = non-members), per-chunk losses;
+    with ``parts`` (``document_parts``) the same figures of each part under ``"parts"``, from the same forwards."""
     was_training = model_engine.training
     model_engine.eval()
-    result = {"splits": {}, "chunk_loss": {}}
-    stats = {}
-    for name, split in splits.items():
-        stats[name] = score_split(model_engine, split, cfg.data.seq_len, pad_id, cfg.eval.micro_batch_size,
-                                  ref_nll=(ref_nll or {}).get(name))
-        result["splits"][name] = split_metrics(stats[name])
-        result["chunk_loss"][name] = (-stats[name]["mia_loss"]).tolist()
+    stats = {name: score_split(model_engine, split, cfg.data.seq_len, pad_id, cfg.eval.micro_batch_size,
+                               ref_nll=(ref_nll or {}).get(name))
+             for name, split in splits.items()}
+    result = summarise(stats, mia)
+    if parts:
+        result["parts"] = {part: summarise({n: {k: v[torch.tensor(parts[n][part], dtype=torch.long)]
+                                                for k, v in st.items()} for n, st in stats.items()}, mia)
+                           for part in (SELECTION, REPORT)}
+    if was_training:
+        model_engine.train()
+    return result
+
+
+def summarise(stats: dict[str, dict], mia: bool = True) -> dict:
+    """The figures of per-chunk stats (``score_split``): every split's metrics and per-chunk loss, the attacks, the
+    earlier requests' forget sets, the forget gap."""
+    result = {"splits": {n: split_metrics(st) for n, st in stats.items()},
+              "chunk_loss": {n: (-st["mia_loss"]).tolist() for n, st in stats.items()}}
     if mia and MEMBER_SPLIT in stats and NONMEMBER_SPLIT in stats:
         result["mia"] = attack_reports(stats[MEMBER_SPLIT], stats[NONMEMBER_SPLIT])
     if mia and NONMEMBER_SPLIT in stats:  # every earlier request's forget set against the same unseen text
@@ -120,8 +183,6 @@ def evaluate_model(model_engine, splits: dict[str, EvalSplit], cfg: RunConfig, p
             result["earlier"] = earlier
     if MEMBER_SPLIT in result["splits"] and NONMEMBER_SPLIT in result["splits"]:
         result["forget_gap"] = result["splits"][MEMBER_SPLIT]["loss"] - result["splits"][NONMEMBER_SPLIT]["loss"]
-    if was_training:
-        model_engine.train()
     return result
 
 
@@ -166,6 +227,8 @@ def compact(result: dict) -> dict:
     for key in ("forget_gap", "target", "target_gap", "judgement", "selection", "distance", "earlier"):
         if result.get(key) is not None:
             out[key] = result[key]
+    if "parts" in result:
+        out["parts"] = {part: compact(piece) for part, piece in result["parts"].items()}
     if "mia" in result:
         out["mia"] = {k: {m: v[m] for m in ("auc", "balanced_accuracy", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr")
                           if m in v} for k, v in result["mia"].items()}
@@ -238,9 +301,13 @@ class Evaluator:
         self.before: Optional[dict] = None
         self.retrained: Optional[dict] = None
         self.ref_nll = None
+        # Choosing a step: on one part of the documents; the verdict is reported on the other (document_parts).
+        self.parts = document_parts(self.splits, cfg.eval.selection_fraction, cfg.train.seed) \
+            if self.tracks_best else None
         if cfg.eval.retrained_model:  # prepare() has checked the directory
             with frozen_engine(cfg, ds_config, cfg.eval.retrained_model) as frozen:
-                self.retrained = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=cfg.eval.mia)
+                self.retrained = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=cfg.eval.mia,
+                                                parts=self.parts)
             self.retrained["distance"] = distance_to_retraining(self.retrained, self.retrained)  # PrivLeak 0: the scale
             # The retrained model's per-chunk loss calibrates the reference-model attack on the trained one.
             self.ref_nll = {n: torch.tensor(v, dtype=torch.float64) for n, v in self.retrained["chunk_loss"].items()}
@@ -249,7 +316,7 @@ class Evaluator:
         self.original = None
         if original_model:
             with frozen_engine(cfg, ds_config, original_model) as frozen:
-                self.original = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=False)
+                self.original = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=False, parts=self.parts)
         if resume_step is not None:
             self._load_state(resume_step)
 
@@ -294,19 +361,19 @@ class Evaluator:
 
     def evaluate(self, step: int, label: str) -> Optional[str]:
         result = evaluate_model(self.engine, self.splits, self.cfg, self.pad_id, mia=self.cfg.eval.mia,
-                                ref_nll=self.ref_nll)
+                                ref_nll=self.ref_nll, parts=self.parts)
         if self.before is None:
             self.before = result
             self.split_check = self._check_split(result)
-        target = target_loss(self.cfg, result, self.before, self.retrained, self.original)
-        if target is not None and MEMBER_SPLIT in result["splits"]:
-            result["target"] = target
-            result["target_gap"] = result["splits"][MEMBER_SPLIT]["loss"] - target
-        result["judgement"] = self.judge(result)
-        # What chooses the exported step (and the stop, and a sweep's ranking): only what a user has. The twin and
-        # the reference attack it calibrates appear in the report's judgement, never here (docs/evaluation.md).
-        result["selection"] = self.judge(result, twin_free=True) if self.retrained else result["judgement"]
-        result["distance"] = distance_to_retraining(result, self.retrained)
+        for part in (None, SELECTION, REPORT) if self.parts else (None,):
+            self._set_target(part_of(result, part), part)
+        chosen, reported = part_of(result, SELECTION), part_of(result, REPORT)
+        result["judgement"] = self.judge(reported, REPORT)
+        # What chooses the exported step (and the stop, and a sweep's ranking): only what a user has, on the
+        # selection part. The twin and the reference attack it calibrates appear in the report's judgement only.
+        result["selection"] = self.judge(chosen, SELECTION, twin_free=True) \
+            if self.retrained or self.parts else result["judgement"]
+        result["distance"] = distance_to_retraining(reported, part_of(self.retrained, REPORT))
         entry = {"step": step, "label": label, **compact(result)}
         self.history.append(entry)
         self.last_full = result
@@ -320,17 +387,27 @@ class Evaluator:
             if self.cfg.output.save_model:
                 E.export_hf_model(self.engine, self.tokenizer, str(self.run_dir / "model"), E.adapter_dir(self.cfg))
         self._save_state()
-        return "stop" if step > 0 and stop_rule_holds(result, self.cfg) else None
+        return "stop" if step > 0 and stop_rule_holds(chosen, self.cfg) else None
 
-    def judge(self, result: dict, twin_free: bool = False) -> dict:
-        """The verdict on ``result``: against the twin when there is one (the report), or ``twin_free``: as if there
-        were none, the reference attack left out (the exported step's choice)."""
+    def _set_target(self, piece: dict, part: Optional[str]) -> None:
+        """The forget-loss target of one part (or of the whole evaluation), from the same part of the reference."""
+        target = target_loss(self.cfg, piece, part_of(self.before, part), part_of(self.retrained, part),
+                             part_of(self.original, part))
+        if target is not None and MEMBER_SPLIT in piece["splits"]:
+            piece["target"] = target
+            piece["target_gap"] = piece["splits"][MEMBER_SPLIT]["loss"] - target
+
+    def judge(self, result: dict, part: Optional[str] = None, twin_free: bool = False) -> dict:
+        """The verdict on ``result`` (the ``part`` of an evaluation, judged against the same part of the state
+        before, the twin and the original): against the twin when there is one (the report), or ``twin_free``: as
+        if there were none, the reference attack left out (the exported step's choice)."""
         e = self.cfg.eval
-        before = None if self.standalone else self.before
-        return judge(result, before, None if twin_free else self.retrained, stop_tolerance=e.stop_tolerance,
+        before = None if self.standalone else part_of(self.before, part)
+        twin = None if twin_free else part_of(self.retrained, part)
+        return judge(result, before, twin, stop_tolerance=e.stop_tolerance,
                      utility_tolerance=e.utility_tolerance, auc_band=e.auc_band,
-                     split_check=None if self.standalone else self.split_check, original=self.original,
-                     exclude_attacks=(REFERENCE_ATTACK,) if twin_free else ())
+                     split_check=None if self.standalone else self.split_check,
+                     original=part_of(self.original, part), exclude_attacks=(REFERENCE_ATTACK,) if twin_free else ())
 
     def unjudged_refusal(self) -> Optional[str]:
         """Why the run must not take a step, or None: the stop rule is on and the evaluation before unlearning
@@ -354,6 +431,12 @@ class Evaluator:
         that succeeded."""
         last = {"entry": self.history[-1], "result": self.last_full}
         after = (self.best or last) if self.tracks_best else last
+        # Split evaluations report the report part (the step was chosen on the other); the whole sets beside.
+        reported = {name: part_of(result, REPORT) for name, result in
+                    (("before", self.before), ("after", after["result"]), ("retrained", self.retrained),
+                     ("original", self.original))}
+        shown = {name: ({**compact(r), **{k: after["result"][k] for k in ("judgement", "selection")}}
+                        if name == "after" else compact(r)) if r else None for name, r in reported.items()}
         metrics = {
             "schema_version": SCHEMA_VERSION,
             "method": self.cfg.method.name,
@@ -366,10 +449,10 @@ class Evaluator:
             "judgement": after["result"]["judgement"],
             "selection": selection(after["result"]),
             "distance_to_retraining": after["result"]["distance"],
-            "before": compact(self.before),
-            "after": compact(after["result"]),
-            "retrained": compact(self.retrained) if self.retrained else None,
-            "original": compact(self.original) if self.original else None,
+            **shown,
+            "parts": {"fraction": self.cfg.eval.selection_fraction, "chosen_on": SELECTION, "reported_on": REPORT,
+                      "sizes": part_sizes(self.splits, self.parts)} if self.parts else None,
+            "all_chunks": {"before": compact(self.before), "after": compact(after["result"])} if self.parts else None,
             "split_check": {k: v for k, v in self.split_check.items() if k != "markdown"} if self.split_check else None,
             "history": self.history,
             "audits": None,
@@ -379,7 +462,7 @@ class Evaluator:
         if E.is_main():
             write_json_atomic(self.run_dir / "metrics.json", metrics)
             from .report import write_report
-            write_report(self.run_dir, metrics, after["result"], self.before, self.retrained,
+            write_report(self.run_dir, metrics, reported["after"], reported["before"], reported["retrained"],
                          split_check=self.split_check)
         return metrics
 

@@ -261,7 +261,7 @@ def test_the_stop_rule_exports_the_weights_of_the_best_evaluated_step(toy_world,
     judgement is scripted to prefer step 3 and the crossing is held off; the export path is the real one."""
     from dsunlearn.eval import runner
     monkeypatch.setattr(runner.Evaluator, "judge",
-                        lambda self, result: {"ok": False, "status": "scripted", "reasons": [], "figures": {},
+                        lambda self, result, *part, **how: {"ok": False, "status": "scripted", "reasons": [], "figures": {},
                                               "distance": abs(len(self.history) - 3)})
     monkeypatch.setattr(runner, "stop_rule_holds", lambda result, cfg: False)
     sections = dict(method={"name": "ga_gd"}, data={"general": None},

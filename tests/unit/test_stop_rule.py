@@ -249,3 +249,43 @@ def test_the_same_run_with_and_without_a_twin_exports_the_same_weights(toy_world
     assert runs["twin"]["retrained"] is not None and runs["alone"]["retrained"] is None
     want, got = (load_file(tmp_path / n / "model" / "model.safetensors") for n in ("alone", "twin"))
     assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_selection_and_report_parts_are_disjoint_documents_and_seeded():
+    from dsunlearn.eval.runner import REPORT, SELECTION, EvalSplit, document_parts, part_sizes
+    docs = [d for d in range(10) for _ in range(d % 3 + 1)]  # 10 documents of 1-3 chunks
+    splits = {"forget": EvalSplit("forget", [[1]] * len(docs), [""] * len(docs), docs),
+              "forget@1": EvalSplit("forget@1", [[1]] * len(docs), [""] * len(docs), docs),
+              "one": EvalSplit("one", [[1]] * 3, [""] * 3, [7, 7, 7])}
+    parts = document_parts(splits, 0.5, seed=3)
+    sel, rep = parts["forget"][SELECTION], parts["forget"][REPORT]
+    assert sorted(sel + rep) == list(range(len(docs))) and not set(sel) & set(rep)
+    assert not {docs[i] for i in sel} & {docs[i] for i in rep}  # by document, not by chunk
+    assert part_sizes(splits, parts)["forget"][SELECTION]["documents"] == 5
+    assert parts["forget@1"] == parts["forget"]  # one file splits the same way under every name
+    assert document_parts(splits, 0.5, seed=3) == parts and document_parts(splits, 0.5, seed=4) != parts
+    assert parts["one"][SELECTION] == parts["one"][REPORT] == [0, 1, 2]  # one document cannot be cut
+    assert document_parts(splits, 0.0, seed=3) is None
+
+
+def test_the_step_is_chosen_on_one_part_and_reported_on_the_other(toy_world, tmp_path):
+    """A real run with the stop rule on: metrics.json's before/after are the report part's figures, the whole
+    sets are beside them, the report says which part is which and how large each is."""
+    import json
+    from dsunlearn.cli import main
+    from helpers import CPU_ZERO3, write_run_config
+    cfg = write_run_config(tmp_path / "r.json", toy_world, tmp_path / "run", train={"num_steps": 3},
+                           eval={"every_n_steps": 1, "stop_tolerance": 0.1, "allow_unjudged": True})
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]) in (0, 3)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    sizes = metrics["parts"]["sizes"]["forget"]
+    whole = metrics["all_chunks"]["after"]
+    assert sizes["selection"]["chunks"] + sizes["report"]["chunks"] == whole["splits"]["forget"]["num_chunks"]
+    assert metrics["after"]["splits"]["forget"]["num_chunks"] == sizes["report"]["chunks"]
+    assert metrics["after"] == {**whole["parts"]["report"], "judgement": metrics["judgement"],
+                                "selection": metrics["selection"]}
+    entry = next(h for h in metrics["history"] if h["step"] == metrics["exported_step"])
+    assert metrics["after"]["splits"] == entry["parts"]["report"]["splits"]
+    assert entry["parts"]["selection"]["splits"] != entry["parts"]["report"]["splits"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "the step was chosen on the selection part (forget " in report and "disjoint report part" in report
