@@ -308,7 +308,8 @@ class Evaluator:
             with frozen_engine(cfg, ds_config, cfg.eval.retrained_model) as frozen:
                 self.retrained = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=cfg.eval.mia,
                                                 parts=self.parts)
-            self.retrained["distance"] = distance_to_retraining(self.retrained, self.retrained)  # PrivLeak 0: the scale
+            for piece in (self.retrained, *self.retrained.get("parts", {}).values()):  # PrivLeak 0: the scale
+                piece["distance"] = distance_to_retraining(piece, piece)
             # The retrained model's per-chunk loss calibrates the reference-model attack on the trained one.
             self.ref_nll = {n: torch.tensor(v, dtype=torch.float64) for n, v in self.retrained["chunk_loss"].items()}
         # A later removal request (chain.py): the chain's original model is the reference for the target and for
@@ -373,7 +374,7 @@ class Evaluator:
         # selection part. The twin and the reference attack it calibrates appear in the report's judgement only.
         result["selection"] = self.judge(chosen, SELECTION, twin_free=True) \
             if self.retrained or self.parts else result["judgement"]
-        result["distance"] = distance_to_retraining(reported, part_of(self.retrained, REPORT))
+        result["distance"] = reported["distance"] = distance_to_retraining(reported, part_of(self.retrained, REPORT))
         entry = {"step": step, "label": label, **compact(result)}
         self.history.append(entry)
         self.last_full = result
