@@ -244,10 +244,12 @@ def relearn_curve(cfg: RunConfig, ds_config: dict, path: str, stream, rows: list
         # The mean of per-chunk means: with equal chunks per rank, DeepSpeed's average over ranks is the same figure
         # as one rank's mean over the whole global batch.
         loss = chunk_nll(logits, batch["labels"].to(logits.device)).mean()
+        del logits  # the last reference to [B, T, V]: freed by the backward, not kept through the evaluation below
         engine.backward(loss)
         engine.step()
+        loss = float(loss.detach())
         batches.append([r for part in E.all_gather_objects(local) for r in part])
-        train_loss = E.all_reduce_sum(torch.tensor([float(loss.detach())], dtype=torch.float64)).item() / world
+        train_loss = E.all_reduce_sum(torch.tensor([loss], dtype=torch.float64)).item() / world
         points.append(curve_point(step + 1, evaluate_model(engine, splits, cfg, pad_id), train_loss))
         if E.is_main():
             p = points[-1]

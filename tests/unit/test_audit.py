@@ -315,3 +315,27 @@ def test_a_failed_audit_leads_the_report_even_when_the_verdict_says_forgotten(au
     assert lines[2] == f"- **{audits['failures'][0]}** (the verdict below says forgotten; it did not last)"
     assert any(line.startswith("- **verdict: forgotten") for line in lines[3:8])
     assert "### Relearning: FAILED" in lines and "### Quantization: passed" in lines
+
+
+def test_the_relearn_fine_tune_frees_its_logits_before_each_evaluation(audited, monkeypatch, tmp_path):
+    """Each fine-tune step's [B, T, V] logits are gone when the held-out set is scored after it (they were kept
+    alive through that evaluation: 62.5 MiB at 512 tokens x 32k vocabulary, benchmarks/RESULTS.md section 10)."""
+    import weakref
+    from dsunlearn.eval import audit
+    trained, alive_at_eval = [], []
+    real_forward, real_evaluate = audit.E.forward, audit.evaluate_model
+
+    def forward(engine, batch, **k):
+        out = real_forward(engine, batch, **k)
+        if engine.training:
+            trained.append(weakref.ref(out.logits))
+        return out
+
+    def evaluate_model(*a, **k):
+        alive_at_eval.append(sum(r() is not None for r in trained))
+        return real_evaluate(*a, **k)
+    monkeypatch.setattr(audit.E, "forward", forward)
+    monkeypatch.setattr(audit, "evaluate_model", evaluate_model)
+    assert main(["audit", "--config", str(audited["config"]), "--zero", CPU_ZERO3, "--model", audited["model"],
+                 "--twin", audited["twin"], "--out", str(tmp_path / "out"), "--audits", "relearn"]) in (0, 1)
+    assert trained and alive_at_eval and not any(alive_at_eval), alive_at_eval
