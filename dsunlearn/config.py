@@ -205,6 +205,12 @@ class EvalConfig:
 AUDITS = ("relearn", "quantize")
 
 
+def relearn_rates(audit, train_lr: float) -> tuple:
+    """The relearning audit's fine-tune learning rates: ``audit.relearn_lr`` as a tuple, or ``(train_lr,)``."""
+    lr = audit.relearn_lr
+    return (train_lr,) if lr is None else tuple(lr) if isinstance(lr, tuple) else (lr,)
+
+
 @dataclass(frozen=True, kw_only=True)
 class AuditConfig:
     """``dsunlearn audit`` and ``eval.audits``: is the forgetting lasting, measured against the retrained twin?"""
@@ -216,8 +222,10 @@ class AuditConfig:
     fine-tune data is not the forget set)."""
     relearn_fraction: float = 0.5
     """With relearn_data="forget": the fraction of forget documents fine-tuned on (a seeded document-level split)."""
-    relearn_lr: Optional[float] = None
-    """Fine-tune learning rate (constant, no warm-up); None = train.lr."""
+    relearn_lr: Optional[float | tuple] = None
+    """Fine-tune learning rate (constant, no warm-up), or a list of rates: the model and its baseline are fine-tuned
+    at each, every rate is reported, and the worst case decides (the model must not relearn faster than the baseline
+    at any of them; UNDO, Lee et al. 2025, takes the worst of ten). None = train.lr."""
     relearn_batch_size: int = 8
     """Chunks per fine-tune step over all ranks (a multiple of the world size): 1 rank and N ranks see the same."""
     relearn_within: float = 0.5
@@ -305,7 +313,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        for i, option in enumerate(inner):  # the first type that takes the value (float before tuple: 1e-3 or [..])
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                if i == len(inner) - 1:
+                    raise ConfigError(f"{where}: expected {' or '.join(map(_type_name, inner))}, got "
+                                      f"{json.dumps(value)}") from None
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected an object with keys {sorted(f.name for f in fields(tp))}, "
@@ -485,7 +499,9 @@ def validate(cfg: RunConfig) -> None:
     checks += [
         (a.relearn_steps >= 1, "audit.relearn_steps: expected >= 1"),
         (0 < a.relearn_fraction < 1, "audit.relearn_fraction: expected 0 < x < 1"),
-        (a.relearn_lr is None or a.relearn_lr > 0, "audit.relearn_lr: expected > 0 or null"),
+        (a.relearn_lr is None or (all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                                      for x in relearn_rates(a, 1.0)) and relearn_rates(a, 1.0)),
+         f"audit.relearn_lr: expected a rate > 0, a non-empty list of them, or null; got {a.relearn_lr!r}"),
         (a.relearn_batch_size >= 1, "audit.relearn_batch_size: expected >= 1"),
         (0 < a.relearn_within <= 1, "audit.relearn_within: expected 0 < x <= 1"),
         (bool(a.relearn_data), "audit.relearn_data: expected \"forget\", \"retain\", \"general\" or a JSONL path"),

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .. import engine as E
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, relearn_rates
 from ..data import StreamSampler, write_json_atomic
 from ..logs import quiet_torchao
 from ..methods.terms import chunk_nll
@@ -198,10 +198,12 @@ def split_forget_documents(doc_index: list[int], fraction: float, seed: int) -> 
     return train, held
 
 
-def relearn_config(cfg: RunConfig, world_size: int) -> RunConfig:
-    """The run config of the audit's fine-tune: constant ``audit.relearn_lr``, no warm-up, one micro-step per step."""
+def relearn_config(cfg: RunConfig, world_size: int, lr: Optional[float] = None) -> RunConfig:
+    """The run config of the audit's fine-tune: constant ``lr`` (default: the first of ``audit.relearn_lr``), no
+    warm-up, one micro-step per step."""
     a = cfg.audit
-    train = dataclasses.replace(cfg.train, lr=a.relearn_lr or cfg.train.lr, schedule="constant", warmup_ratio=0.0,
+    lr = lr if lr is not None else relearn_rates(a, cfg.train.lr)[0]
+    train = dataclasses.replace(cfg.train, lr=lr, schedule="constant", warmup_ratio=0.0,
                                 micro_batch_size=a.relearn_batch_size // world_size, grad_accum=1,
                                 global_batch_size=None, num_steps=a.relearn_steps)
     return dataclasses.replace(cfg, train=train)
@@ -298,35 +300,58 @@ def relearn_audit(p: Prepared, model_dir: str, twin_dir: Optional[str], original
         data = (f"{a.relearn_data} ({len(rows)} chunks); measured on "
                 + (f"{n} of the forget set's {len(held_chunks)} chunks (eval.max_chunks)" if capped
                    else f"the whole forget set ({n} chunks)"))
-    rcfg = relearn_config(cfg, p.world_size)
+    rates = relearn_rates(a, cfg.train.lr)
+    original = None
+    if twin_dir:
+        with frozen_engine(cfg, p.ds_config, original_dir) as frozen:
+            original = curve_point(0, evaluate_model(frozen, splits, cfg, pad_id), None)
+    # The same fine-tune at every rate, for the model and its baseline; the worst rate decides and leads the report.
+    runs = [relearn_at(p, lr, model_dir, twin_dir, original_dir, rows, splits, original) for lr in rates]
+    worst = max(runs, key=lambda r: (r["failed"], r["margin"]))
+    per_rate = [{k: r[k] for k in ("lr", "threshold", "model_steps_to_relearn", "baseline_steps_to_relearn",
+                                   "failed", "final")} for r in runs]
+    finding = worst["finding"] if len(runs) == 1 else (
+        f"at lr {worst['lr']:g}, the worst of {len(runs)} rates: {worst['finding']} (every rate: "
+        + "; ".join(f"lr {r['lr']:g} {r['said_model']} vs {r['said_baseline']}" for r in runs) + ")")
+    out = {k: v for k, v in worst.items() if k not in ("margin", "said_model", "said_baseline")}
+    return {**out, "data": data, "measured_chunks": measured, "held_out_chunks": len(held_chunks),
+            "steps": a.relearn_steps, "batch_size": a.relearn_batch_size, "within": a.relearn_within,
+            "rates": per_rate, "finding": finding}
+
+
+def relearn_at(p: Prepared, lr: float, model_dir: str, twin_dir: Optional[str], original_dir: str, rows: list[int],
+               splits: dict, original: Optional[dict]) -> dict:
+    """The relearning audit at one learning rate: the model's and the baseline's curves and the outcome.
+    ``original``: the original model scored (None without a twin: the baseline's first point is the original)."""
+    cfg, a, pad_id = p.cfg, p.cfg.audit, p.tokenizer.pad_token_id
+    rcfg = relearn_config(cfg, p.world_size, lr)
     rds = relearn_ds_config(p.ds_config, rcfg.train.micro_batch_size, p.world_size)
     model = relearn_curve(rcfg, rds, model_dir, p.relearn_stream, rows, splits, pad_id)
     # The baseline: the twin on the held-out forget documents, or (no twin) the original model on unseen text.
     baseline_dir, baseline_split = (twin_dir, MEMBER_SPLIT) if twin_dir else (original_dir, NONMEMBER_SPLIT)
     baseline = relearn_curve(rcfg, rds, baseline_dir, p.relearn_stream, rows, splits, pad_id)
-    if twin_dir:
-        with frozen_engine(cfg, p.ds_config, original_dir) as frozen:
-            original = curve_point(0, evaluate_model(frozen, splits, cfg, pad_id), None)
-    else:  # the baseline is the original: its curve's first point (before the fine-tune) is the original scored
-        original = baseline["points"][0]
+    original = original or baseline["points"][0]
     threshold, model_steps, baseline_steps, failed = relearn_outcome(
         [q["losses"][MEMBER_SPLIT] for q in model["points"]], [q["losses"][baseline_split] for q in baseline["points"]],
         original["losses"][MEMBER_SPLIT], a.relearn_within)
     who = "the twin" if twin_dir else "the original model on unseen text"
     said = lambda k: "not within %d steps" % a.relearn_steps if k is None else f"{k} steps"  # noqa: E731
-    finding = (f"held-out forget loss back within {a.relearn_within:g} of the original's ({threshold:.3f} nats): "
-               f"{said(model_steps)}; {who}: {said(baseline_steps)}")
+    never = a.relearn_steps + 1
     last_model, last_base = model["points"][-1], baseline["points"][-1]
-    return {"data": data, "measured_chunks": measured, "held_out_chunks": len(held_chunks), "steps": a.relearn_steps,
-            "lr": rcfg.train.lr, "batch_size": a.relearn_batch_size,
-            "within": a.relearn_within, "baseline": "twin" if twin_dir else "original on approximate",
-            "baseline_split": baseline_split, "original": original, "threshold": threshold,
+    return {"lr": lr, "baseline": "twin" if twin_dir else "original on approximate", "baseline_split": baseline_split,
+            "original": original, "threshold": threshold,
             "model_steps_to_relearn": model_steps, "baseline_steps_to_relearn": baseline_steps,
             "final": {"model_forget_loss": last_model["losses"][MEMBER_SPLIT],
                       "model_strongest_auc": last_model["strongest_auc"],
                       "baseline_loss": last_base["losses"][baseline_split],
                       "baseline_strongest_auc": last_base["strongest_auc"]},
-            "failed": failed, "finding": finding, "model": model, "baseline_curve": baseline}
+            "failed": failed, "model": model, "baseline_curve": baseline,
+            # How many steps sooner than the baseline the model relearns (the worst rate has the largest).
+            "margin": (baseline_steps if baseline_steps is not None else never)
+                      - (model_steps if model_steps is not None else never),
+            "finding": (f"held-out forget loss back within {a.relearn_within:g} of the original's ({threshold:.3f} "
+                        f"nats): {said(model_steps)}; {who}: {said(baseline_steps)}"),
+            "said_model": said(model_steps), "said_baseline": said(baseline_steps)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -204,6 +204,12 @@ def audit_section(audits: dict, run_dir: Path) -> list[str]:
                   f"{r['final']['model_strongest_auc']:.3f}; {r['baseline']}: loss {r['final']['baseline_loss']:.3f}, "
                   f"strongest AUC {r['final']['baseline_strongest_auc']:.3f}",
                   f"- the original model: held-out forget loss {r['original']['losses']['forget']:.3f}", ""]
+        if len(r.get("rates", [])) > 1:  # every rate of the sweep; the worst one leads (and is plotted)
+            said = lambda k: "never" if k is None else str(k)  # noqa: E731
+            lines += [f"| lr | steps to relearn | {r['baseline']}: steps | fails |", "|---|---|---|---|",
+                      *[f"| {x['lr']:g}{' (worst)' if x['lr'] == r['lr'] else ''} | "
+                        f"{said(x['model_steps_to_relearn'])} | {said(x['baseline_steps_to_relearn'])} | "
+                        f"{'yes' if x['failed'] else 'no'} |" for x in r["rates"]], ""]
         path = plot_relearning(r, run_dir / "plots" / "relearn.png",
                                baseline_label="twin (held-out forget)" if twin else "original (approximate)")
         lines += [f"![relearning]({path.relative_to(run_dir)})", ""]

@@ -339,3 +339,31 @@ def test_the_relearn_fine_tune_frees_its_logits_before_each_evaluation(audited, 
     assert main(["audit", "--config", str(audited["config"]), "--zero", CPU_ZERO3, "--model", audited["model"],
                  "--twin", audited["twin"], "--out", str(tmp_path / "out"), "--audits", "relearn"]) in (0, 1)
     assert trained and alive_at_eval and not any(alive_at_eval), alive_at_eval
+
+
+def test_relearning_at_several_rates_reports_each_and_the_worst_decides(audited, tmp_path):
+    """audit.relearn_lr as a list: the model and the baseline are fine-tuned at each rate on the same batches; every
+    rate is in metrics.json and the report, and the headline (lr, steps, failed) is the rate where the model
+    relearns soonest against the baseline (UNDO's worst case over rates)."""
+    from dsunlearn.config import ConfigError, load_run_config
+    rates = [1e-4, 3e-3]
+    out = tmp_path / "out"
+    code = main(["audit", "--config", str(audited["config"]), "--zero", CPU_ZERO3, "--model", audited["model"],
+                 "--twin", audited["twin"], "--out", str(out), "--audits", "relearn",
+                 "--set", f"audit.relearn_lr={json.dumps(rates)}"])
+    r = json.loads((out / "metrics.json").read_text())["audits"]["relearn"]
+    assert [x["lr"] for x in r["rates"]] == rates and r["lr"] in rates
+    never = r["steps"] + 1
+    margin = lambda x: (never if x["baseline_steps_to_relearn"] is None else x["baseline_steps_to_relearn"]) - (  # noqa: E731
+        never if x["model_steps_to_relearn"] is None else x["model_steps_to_relearn"])
+    worst = max(r["rates"], key=lambda x: (x["failed"], margin(x)))
+    assert r["lr"] == worst["lr"] and r["failed"] == any(x["failed"] for x in r["rates"])
+    assert r["model_steps_to_relearn"] == worst["model_steps_to_relearn"] and code == (1 if r["failed"] else 0)
+    assert r["finding"].startswith(f"at lr {worst['lr']:g}, the worst of 2 rates")
+    report = (out / "report.md").read_text()
+    assert "| lr | steps to relearn |" in report and "(worst)" in report
+    single = load_run_config(str(audited["config"]), ["audit.relearn_lr=0.001"])
+    assert single.audit.relearn_lr == 0.001
+    for bad in ("[]", "[0.001, -1]", '"fast"'):
+        with pytest.raises(ConfigError, match="audit.relearn_lr"):
+            load_run_config(str(audited["config"]), [f"audit.relearn_lr={bad}"])
