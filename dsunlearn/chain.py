@@ -7,8 +7,9 @@ Every run directory records its chain in ``chain.json`` (machine-readable audit 
 content hash), then one entry per request: its run directory, its forget set (path and sha256), the model it started
 from and the model it produced (content hashes, as ``reference.model_fingerprint`` computes them: every file of the
 directory). ``--after`` refuses, with exit code 2 and nothing written:
-- a directory that is not a finished dsunlearn run (no ``model/``, ``summary.json`` or ``chain.json``), a
-  ``chain.json`` that cannot be read, or one that records no result model (the run never finished its export);
+- a directory that is not a finished dsunlearn run (no ``model/`` or ``summary.json``), one without a ``chain.json``
+  (``read_chain`` says why), a ``chain.json`` that cannot be read, or one that records no result model (the run never
+  finished its export);
 - a previous model whose files no longer match the hash its run recorded (changed since);
 - a run config whose ``model.path`` is not the chain's original (a request belongs to the model it was made for;
   leave ``model.path`` out or point it at the original).
@@ -112,7 +113,7 @@ def _plan(cfg: RunConfig, after: Optional[str], hash_models: bool) -> tuple[RunC
                  "original": {"path": str(Path(cfg.model.path).resolve()), "sha256": start}, "requests": []}
         return cfg, {**chain, "requests": [request_entry(cfg, 1, start, None)]}
     prev = Path(after)
-    for needed in ("config.json", "summary.json", "model", CHAIN_FILE):
+    for needed in ("config.json", "summary.json", "model"):
         if not (prev / needed).exists():
             raise ConfigError(f"--after {after}: {needed} missing: not a finished dsunlearn unlearning run")
     chain = read_chain(prev)

@@ -372,8 +372,7 @@ class Evaluator:
         result["judgement"] = self.judge(reported, REPORT)
         # What chooses the exported step (and the stop, and a sweep's ranking): only what a user has, on the
         # selection part. The twin and the reference attack it calibrates appear in the report's judgement only.
-        result["selection"] = self.judge(chosen, SELECTION, twin_free=True) \
-            if self.retrained or self.parts else result["judgement"]
+        result["selection"] = self.judge(chosen, SELECTION, twin_free=True)
         result["distance"] = reported["distance"] = distance_to_retraining(reported, part_of(self.retrained, REPORT))
         entry = {"step": step, "label": label, **compact(result)}
         self.history.append(entry)
@@ -436,8 +435,8 @@ class Evaluator:
         reported = {name: part_of(result, REPORT) for name, result in
                     (("before", self.before), ("after", after["result"]), ("retrained", self.retrained),
                      ("original", self.original))}
-        shown = {name: ({**compact(r), **{k: after["result"][k] for k in ("judgement", "selection")}}
-                        if name == "after" else compact(r)) if r else None for name, r in reported.items()}
+        shown = {name: compact(r) if r else None for name, r in reported.items()}
+        shown["after"].update({k: after["result"][k] for k in ("judgement", "selection")})
         metrics = {
             "schema_version": SCHEMA_VERSION,
             "method": self.cfg.method.name,
