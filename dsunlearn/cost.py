@@ -334,14 +334,21 @@ def run_passes(streams_tokens: dict[str, int], reference_streams: tuple, referen
 
 
 def run_cost(shape: ModelShape, seq_len: int, per_step: list[Pass], steps: int, one_time_forward_tokens: int,
-             pretrain_tokens: float | None, tokens_per_s: float | None, unlearning_tokens: int | None) -> dict:
-    """FLOPs of a whole run (per step x steps + one-time cache/label forwards) and, given D, the retraining ratio."""
+             pretrain_tokens: float | None, tokens_per_s: float | None, unlearning_tokens: int | None,
+             earlier_phases: tuple = ()) -> dict:
+    """FLOPs of a whole run (per step x steps + one-time cache/label forwards + a phased method's earlier phases,
+    each phase's record with its ``flops``) and, given D, the retraining ratio."""
     step = step_flops(shape, seq_len, per_step)
     one_time = forward_flops(shape, one_time_forward_tokens, seq_len) if one_time_forward_tokens else 0
-    total = step["total"] * steps + one_time
+    earlier = float(sum(r["flops"] for r in earlier_phases))
+    total = step["total"] * steps + one_time + earlier
     out = {"num_params": shape.num_params, "flops_per_step": step, "steps": steps,
            "one_time_forward_flops": one_time, "unlearning_flops": total}
-    if pretrain_tokens:
+    if earlier_phases:
+        # The measured throughput is the last phase's alone: no time estimate from it for the whole run.
+        out["phases"] = list(earlier_phases)
+        tokens_per_s = None
+    if pretrain_tokens and total > 0:
         out["retrain"] = retrain_estimate(shape, pretrain_tokens, total, tokens_per_s,
                                           unlearning_tokens=unlearning_tokens if tokens_per_s else None)
     return out
@@ -349,7 +356,10 @@ def run_cost(shape: ModelShape, seq_len: int, per_step: list[Pass], steps: int, 
 
 def cost_line(cost: dict) -> str:
     """One line for the console: the run's FLOPs and, given D, the retraining comparison (``run_cost``'s dict)."""
-    line = f"unlearning {cost['unlearning_flops']:.3g} FLOPs ({cost['steps']} steps)"
+    steps = f"{cost['steps']} steps"
+    if cost.get("phases"):  # a phased method: its earlier phases, then the last phase's steps
+        steps = ", ".join(f"{p['phase']} {p['flops']:.3g}" for p in cost["phases"]) + f", then {steps}"
+    line = f"unlearning {cost['unlearning_flops']:.3g} FLOPs ({steps})"
     if "retrain" in cost:
         r = cost["retrain"]
         line += f"; retraining {r['retrain_flops']:.3g} FLOPs; ratio {r['ratio']:.3g}x"

@@ -390,7 +390,7 @@ def gathered_for_update(params: list):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
-def _replace_dir(out: Path, write) -> None:
+def replace_dir(out: Path, write) -> None:
     """``write(tmp)`` into a temporary directory, then swap it in for ``out`` (a reader never sees half a model)."""
     import shutil
     tmp = out.with_name(out.name + ".tmp")
@@ -419,7 +419,7 @@ def export_hf_model(engine, tokenizer, out_dir: str, adapter_dir: Optional[str] 
             module = engine.module
             if is_adapted(module):
                 if adapter_dir is not None:
-                    _replace_dir(Path(adapter_dir), lambda tmp: module.save_pretrained(tmp, state_dict=state_dict))
+                    replace_dir(Path(adapter_dir), lambda tmp: module.save_pretrained(tmp, state_dict=state_dict))
                 state_dict = merged_state_dict(state_dict, module)
                 module = module.get_base_model()
 
@@ -428,8 +428,28 @@ def export_hf_model(engine, tokenizer, out_dir: str, adapter_dir: Optional[str] 
                 module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
                 module.config.use_cache = False
                 tokenizer.save_pretrained(tmp)
-            _replace_dir(Path(out_dir), write)
+            replace_dir(Path(out_dir), write)
     return out_dir
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window (``peak_memory``): the accelerator's allocator peak, and on CPU the process's
+    resident-set high-water mark (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory() -> Optional[int]:
+    """Peak bytes since ``reset_peak_memory``: allocated accelerator memory on a GPU, else resident host memory
+    (VmHWM); None where neither can be read."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    return None
 
 
 def adapter_dir(cfg: RunConfig) -> Optional[str]:

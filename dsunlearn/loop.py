@@ -23,6 +23,7 @@ import torch
 
 from . import engine as E
 from . import chain as C
+from . import phases as P
 from . import reference as R
 from .adapter import apply_adapter
 from .config import RunConfig
@@ -35,7 +36,7 @@ from .methods import select_trainable
 from .methods.base import StreamOutputs
 from .methods.terms import chunk_nll, split_streams
 from .prepare import Prepared, prepare
-from .rundir import (RunLogger, RunState, claim_run_dir, load_latest_checkpoint, restore_last_good,
+from .rundir import (RunLogger, RunState, claim_run_dir, has_checkpoint, load_latest_checkpoint, restore_last_good,
                      restore_skip_counters, save_checkpoint, truncate_log, write_run_files)
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Run:
     samplers: dict[str, StreamSampler]
     reference: Any
     pad_id: int
+    earlier: tuple = ()
+    """A phased method's earlier phases (``phases.py`` records): their FLOPs are in the cost."""
     release_memo_steps: int = RELEASE_MEMO_STEPS
     """Steps left that clear the ZeRO-3 release memo first (``RELEASE_MEMO_STEPS``); reset after every evaluation."""
 
@@ -83,7 +86,8 @@ def plan_cost(run: Run, state: RunState) -> dict:
     tokens_per_s = state.tokens / state.seconds if state.seconds else None
     return run_cost(ModelShape.from_model(run.engine.module), seq,
                     run_passes(per_step, reference, cfg.reference.mode, adapter=cfg.adapter.rank > 0),
-                    state.step, one_time, pretrain_tokens, tokens_per_s, state.tokens or None)
+                    state.step, one_time, pretrain_tokens, tokens_per_s, state.tokens or None,
+                    earlier_phases=run.earlier)
 
 
 def fused_forward(engine, method, streams: dict[str, dict], reference=None) -> dict[str, StreamOutputs]:
@@ -134,11 +138,12 @@ def build_run(p: Prepared, reference_factory=None) -> Run:
 
 
 def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: bool = False,
-            reference_factory=None, method=None, after: Optional[str] = None) -> int:
+            reference_factory=None, method=None, after: Optional[str] = None, phase: Optional[str] = None) -> int:
     """Run one unlearning job end to end. Returns the process exit code.
 
-    ``method`` overrides the registry lookup (``dsunlearn pretrain`` passes plain language modelling). ``after``: the
-    run directory of the previous removal request; this one starts from its model (``chain.py``).
+    ``method`` overrides the registry lookup (``dsunlearn pretrain`` passes plain language modelling; ``phases.py``
+    a train phase's method, ``phase`` its name). ``after``: the run directory of the previous removal request; this
+    one starts from its model (``chain.py``). A phased method's earlier phases run first (``phases.py``).
     """
     started = time.time()
     E.init_distributed()
@@ -151,27 +156,45 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     earlier = C.earlier_forget_sets(chain) if chain else {}
     # Everything checkable, before the run dir is touched.
     p = prepare(cfg, zero_path, E.world_size(), method=method, earlier=earlier)
+    phased = P.is_phased(p.method)
+    if phased:
+        P.check(p)
     claim_run_dir(run_dir, overwrite, resume)
     write_run_files(p, zero_path, resume)
     if chain is not None and not resume:
         C.write_chain(run_dir, chain)
-    run = build_run(p, reference_factory)
+    done = None
+    if phased:  # the earlier phases, each to a boundary; the rest of this function is the last phase
+        try:
+            done = P.run_earlier_phases(p, zero_path, resume)
+        except P.PhaseStopped as e:
+            log.error("%s", e)
+            return e.exit_code
+        phase = p.method.final_phase().name
+        p, engine_p = P.final_prepared(p, done)
+    run = build_run(engine_p if phased else p, reference_factory)
+    run.cfg, run.earlier = cfg, done.records if done else ()
     state = RunState()
+    resume = resume and has_checkpoint(run_dir)  # a phased run killed in an earlier phase starts its last afresh
     if resume:
         state.step = load_latest_checkpoint(run.engine, run_dir)
         if E.is_main():
             truncate_log(Path(run_dir) / "log.jsonl", state.step)
         restore_skip_counters(Path(run_dir) / "log.jsonl", state)
     pretraining = p.method.streams == ("train",)
-    logger = RunLogger(run_dir, p.num_steps, state.step, E.is_main(), desc="pretrain" if pretraining else "unlearn")
+    logger = RunLogger(run_dir, p.num_steps, state.step, E.is_main(), desc="pretrain" if pretraining else "unlearn",
+                       phase=phase)
     evaluator = None
     if not pretraining and p.eval_streams:
         later_request = chain is not None and len(chain["requests"]) > 1
         evaluator = Evaluator(cfg, run.engine, p.tokenizer, logger, p.ds_config, run_dir, p.eval_streams,
                               resume_step=state.step if resume else None,
-                              original_model=chain["original"]["path"] if later_request else None)
+                              original_model=chain["original"]["path"] if later_request else None,
+                              before_model=cfg.model.path if phased else None)
         if not resume:
-            evaluator.evaluate(0, label="before")
+            evaluator.evaluate_before()
+        if phased and not evaluator.evaluated(P.AFTER_PHASES):  # the last boundary: a candidate for the export
+            evaluator.evaluate(0, label=P.AFTER_PHASES)
     try:
         if evaluator is not None and not resume and (refusal := evaluator.unjudged_refusal()):
             # Nothing to remove, by the run's own judgement: no step is taken and nothing is exported.

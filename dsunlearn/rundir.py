@@ -36,7 +36,8 @@ def prepare_run_dir(run_dir: str, overwrite: bool, resume: bool) -> None:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output.run_dir: {run_dir} exists and is not a directory")
     if resume:
-        if not (path / "checkpoints" / "latest.json").is_file():
+        # A phased run killed before its last phase's first checkpoint resumes from its completed phases.
+        if not (path / "checkpoints" / "latest.json").is_file() and not (path / "phases").is_dir():
             raise ConfigError(f"--resume {run_dir}: no complete checkpoint there (checkpoints/latest.json missing)")
         return
     if path.is_dir() and any(path.iterdir()):
@@ -77,8 +78,11 @@ def write_run_files(p, zero_path: str, resume: bool) -> None:
 class RunLogger:
     """log.jsonl + TensorBoard scalars + tqdm, on rank 0 only."""
 
-    def __init__(self, run_dir: str, num_steps: int, start_step: int, enabled: bool, desc: str = "unlearn"):
+    def __init__(self, run_dir: str, num_steps: int, start_step: int, enabled: bool, desc: str = "unlearn",
+                 phase: Optional[str] = None):
         self.enabled = enabled
+        self.phase = phase
+        """A phased method's phase: every log.jsonl line carries it, and the TensorBoard run is named by it."""
         self.writer = self.bar = None
         if not enabled:
             return
@@ -86,13 +90,16 @@ class RunLogger:
         from tqdm import tqdm
         self.path = Path(run_dir) / "log.jsonl"
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
-        self.bar = tqdm(total=num_steps, initial=start_step, desc=desc, dynamic_ncols=True)
+        self.bar = tqdm(total=num_steps, initial=start_step, desc=f"{desc} ({phase})" if phase else desc,
+                        dynamic_ncols=True)
 
     def step(self, record: dict) -> None:
         if not self.enabled:
             return
         # NaN/inf (a skipped step's loss and norm) become null: log.jsonl stays strict JSON.
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        if self.phase:
+            record["phase"] = self.phase
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         for key, value in record.items():
@@ -131,6 +138,10 @@ def save_checkpoint(engine, run_dir: str, step: int, keep_last: int) -> None:
         for old in tags[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     E.barrier()
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    return (Path(run_dir) / "checkpoints" / "latest.json").is_file()
 
 
 def load_latest_checkpoint(engine, run_dir: str) -> int:

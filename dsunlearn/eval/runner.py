@@ -286,8 +286,14 @@ class Evaluator:
 
     def __init__(self, cfg: RunConfig, engine, tokenizer, logger, ds_config: dict, run_dir: str, streams: dict,
                  track_best: bool = True, resume_step: Optional[int] = None, standalone: bool = False,
-                 original_model: Optional[str] = None):
+                 original_model: Optional[str] = None, before_model: Optional[str] = None):
         self.cfg, self.engine, self.tokenizer, self.logger = cfg, engine, tokenizer, logger
+        self.ds_config = ds_config
+        # A phased method (phases.py): "before" is the run's own model, evaluated on a frozen engine, while the
+        # trained engine starts from the last phase's boundary. Its last phase repairs (the forget loss falls), so
+        # the one-sided stop rule is off; every evaluated step is a candidate for the export.
+        self.before_model = before_model
+        self.stops = before_model is None
         self.run_dir = Path(run_dir)
         self.pad_id = tokenizer.pad_token_id
         self.splits = load_eval_splits(cfg, tokenizer, streams)
@@ -360,8 +366,19 @@ class Evaluator:
         last = saved.get("last_full")
         self.last_full = last if saved["history"] and saved["history"][-1]["step"] <= step else None
 
-    def evaluate(self, step: int, label: str) -> Optional[str]:
-        result = evaluate_model(self.engine, self.splits, self.cfg, self.pad_id, mia=self.cfg.eval.mia,
+    def evaluate_before(self) -> None:
+        """The state before unlearning: the trained engine at step 0, or ``before_model`` (a phased run)."""
+        if self.before_model is None:
+            self.evaluate(0, label="before")
+            return
+        with frozen_engine(self.cfg, self.ds_config, self.before_model) as frozen:
+            self.evaluate(0, label="before", engine=frozen)
+
+    def evaluated(self, label: str) -> bool:
+        return any(h["label"] == label for h in self.history)
+
+    def evaluate(self, step: int, label: str, engine=None) -> Optional[str]:
+        result = evaluate_model(engine or self.engine, self.splits, self.cfg, self.pad_id, mia=self.cfg.eval.mia,
                                 ref_nll=self.ref_nll, parts=self.parts)
         if self.before is None:
             self.before = result
@@ -381,13 +398,14 @@ class Evaluator:
         if E.is_main():
             log.info("eval %s: %s", label, ", ".join(f"{k} {v['loss']:.4f}" for k, v in result["splits"].items()))
             log.info("eval %s: %s", label, verdict_line(result["judgement"]))
-        # The original (step 0) is never the result: the best is chosen among unlearned steps only.
-        if self.tracks_best and step > 0 and better(result["selection"], self.best and selection(self.best["result"])):
+        # The original is never the result: the best is chosen among unlearned states only.
+        if self.tracks_best and result is not self.before \
+                and better(result["selection"], self.best and selection(self.best["result"])):
             self.best = {"entry": entry, "result": result}
             if self.cfg.output.save_model:
                 E.export_hf_model(self.engine, self.tokenizer, str(self.run_dir / "model"), E.adapter_dir(self.cfg))
         self._save_state()
-        return "stop" if step > 0 and stop_rule_holds(chosen, self.cfg) else None
+        return "stop" if self.stops and step > 0 and stop_rule_holds(chosen, self.cfg) else None
 
     def _set_target(self, piece: dict, part: Optional[str]) -> None:
         """The forget-loss target of one part (or of the whole evaluation), from the same part of the reference."""

@@ -21,10 +21,14 @@ from .adversarial_labels import AdversarialLabels
 from .ga import GradientAscent
 from .ga_gd import GradDiff
 from .ga_kl import GradKL
+from .negate_repair import NegateRepair
 from .npo import NPO
 from .random_labels import RandomLabels
 from .rmu import RMU
 from .simnpo import SimNPO
+from .task_vector import TaskVector
+from .token_rows import TokenRows
+from .undo import UNDO
 
 METHODS = {
     "ga": GradientAscent,
@@ -35,6 +39,11 @@ METHODS = {
     "npo": NPO,
     "simnpo": SimNPO,
     "rmu": RMU,
+    # Methods in phases (phased.py; the phase machinery: dsunlearn/phases.py).
+    "token_rows": TokenRows,
+    "task_vector": TaskVector,
+    "negate_repair": NegateRepair,
+    "undo": UNDO,
 }
 
 

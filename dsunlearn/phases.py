@@ -1,0 +1,246 @@
+"""The phase machinery: a phased method's earlier phases (``methods/phased.py``), each to a boundary, resumable in any
+phase; its last phase is the run itself (``loop.unlearn``).
+
+    RUN_DIR/phases/<k>-<name>/model/       the boundary after phase k: a safetensors model directory
+    RUN_DIR/phases/<k>-<name>/phase.json   written last: phase k is complete (kind, FLOPs, seconds, peak memory)
+    RUN_DIR/phases/<k>-<name>/log.jsonl    a train phase's own run (every line labelled with the phase), tb/,
+                                           checkpoints/ (every ``checkpoint.every_n_steps``), summary.json
+
+Kinds and where they run:
+- train: a run of its own (``loop.unlearn`` with the phase's method and knobs) under the run's ZeRO JSON on every
+  rank, from the previous boundary; its ``model/`` is the boundary. A kill resumes it from its last checkpoint.
+- edit, arithmetic: rank 0 rewrites the previous boundary tensor by tensor, one safetensors shard in memory at a
+  time, into a temporary directory swapped in whole (``engine.replace_dir``); the other ranks learn the outcome
+  (``engine.together``). No optimizer and no forward: their FLOPs are those of a few elementwise passes, counted as 0.
+A resumed run skips every phase with a ``phase.json`` and runs the first one without it again (a train phase from its
+checkpoint). The last phase (the run's own training, or ``HOLD``) loads the last boundary; the run's evaluations,
+audits and chain compare with the run's own model, never with a boundary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import engine as E
+from .config import AdapterConfig, ConfigError, MethodConfig
+from .data import write_json_atomic
+from .methods import term_weights
+from .methods.phased import (INPUT, ArithmeticPhase, EditContext, EditPhase, PhasedMethod, TrainPhase)
+from .prepare import Prepared, plan_steps, with_model
+
+log = logging.getLogger(__name__)
+
+AFTER_PHASES = "after phases"
+"""The label of the evaluation of the last boundary, before the run's own training (a candidate for the export)."""
+
+
+def is_phased(method) -> bool:
+    return isinstance(method, PhasedMethod)
+
+
+@dataclass
+class Earlier:
+    """What the earlier phases left: each boundary's directory and each phase's record."""
+    boundaries: dict = field(default_factory=dict)
+    records: list = field(default_factory=list)
+
+
+
+def check(p: Prepared) -> None:
+    """What a phased run needs beyond ``prepare``'s checks, before the run directory is touched."""
+    cfg, method = p.cfg, p.method
+    if cfg.adapter.rank > 0:
+        raise ConfigError(f"adapter.rank={cfg.adapter.rank}: method {cfg.method.name!r} works in phases on the full "
+                          f"weights (edits and task arithmetic need them); set adapter.rank=0")
+    for ph in method.phases():
+        if isinstance(ph, TrainPhase) and ph.num_steps is not None and ph.global_batch % p.world_size:
+            raise ConfigError(f"method.params: phase {ph.name!r} takes {ph.global_batch} chunks a step, not a "
+                              f"multiple of the world size {p.world_size}")
+        if isinstance(ph, TrainPhase) and ph.teacher is not None:
+            if cfg.reference.mode == "cache":
+                raise ConfigError(f"reference.mode='cache': phase {ph.name!r} distils from the boundary "
+                                  f"{ph.teacher!r}, which needs a frozen engine (reference.mode 'engine' or 'auto')")
+            if cfg.reference.path:
+                raise ConfigError(f"reference.path={cfg.reference.path}: phase {ph.name!r} of {cfg.method.name!r} "
+                                  f"sets its own reference (the boundary {ph.teacher!r}); leave reference.path unset")
+
+
+def phase_dirs(run_dir: str, method: PhasedMethod) -> list[Path]:
+    return [Path(run_dir) / "phases" / f"{k}-{ph.name}" for k, ph in enumerate(method.earlier_phases(), start=1)]
+
+
+def run_earlier_phases(p: Prepared, zero_path: str, resume: bool) -> Earlier:
+    """Every phase before the run's own training, in order; a complete one (``phase.json``) is not run again."""
+    method, run_dir = p.method, p.cfg.output.run_dir
+    done = Earlier(boundaries={INPUT: p.cfg.model.path})
+    previous = p.cfg.model.path
+    for k, (ph, out) in enumerate(zip(method.earlier_phases(), phase_dirs(run_dir, method)), start=1):
+        marker = out / "phase.json"
+        if resume and marker.is_file():
+            record = json.loads(marker.read_text())
+        else:
+            if E.is_main():
+                log.info("phase %d/%d %s (%s)", k, len(method.phases()), ph.name, ph.kind)
+            started = time.perf_counter()
+            E.reset_peak_memory()
+            if isinstance(ph, TrainPhase):
+                flops = train_phase(p, ph, previous, out, done.boundaries, zero_path, resume)
+            else:
+                with E.together(f"phase {ph.name}"):
+                    if E.is_main():
+                        rewrite_phase(p, ph, Path(previous), out / "model", done.boundaries)
+                flops = 0.0
+            record = {"phase": ph.name, "kind": ph.kind, "index": k, "flops": flops,
+                      "seconds": round(time.perf_counter() - started, 3), "peak_memory_bytes": E.peak_memory(),
+                      "boundary_bytes": dir_bytes(out / "model"), "world_size": E.world_size()}
+            with E.together(f"recording phase {ph.name}"):
+                if E.is_main():
+                    write_json_atomic(marker, record)
+        done.records.append(record)
+        done.boundaries[ph.name] = previous = str(out / "model")
+    return done
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def phase_config(cfg, ph: TrainPhase, model_path: str, out: Path, boundaries: dict, world_size: int):
+    """The run config of one train phase: the phase's knobs, no evaluation, its boundary exported."""
+    reference = cfg.reference
+    if ph.teacher is not None:
+        reference = dataclasses.replace(reference, mode="engine", path=boundaries[ph.teacher])
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, path=model_path, init="pretrained"),
+        method=MethodConfig(name=f"{cfg.method.name}/{ph.name}"), reference=reference, adapter=AdapterConfig(),
+        train=dataclasses.replace(cfg.train, lr=ph.lr, schedule=ph.schedule, warmup_ratio=0.0, min_lr_ratio=0.0,
+                                  micro_batch_size=ph.global_batch // world_size, grad_accum=1,
+                                  global_batch_size=None, retain_ratio=1, num_steps=ph.num_steps),
+        eval=dataclasses.replace(cfg.eval, splits=(), every_n_steps=0, stop_tolerance=0.0, audits=(),
+                                 retrained_model=None),
+        output=dataclasses.replace(cfg.output, run_dir=str(out), save_model=True))
+
+
+def train_phase(p: Prepared, ph: TrainPhase, model_path: str, out: Path, boundaries: dict, zero_path: str,
+                resume: bool) -> float:
+    """One train phase as a run of its own; returns its FLOPs. A killed one resumes from its checkpoint."""
+    from .loop import EXIT_OK, unlearn
+    sub = phase_config(p.cfg, ph, model_path, out, boundaries, p.world_size)
+    again = resume and (out / "checkpoints" / "latest.json").is_file()
+    code = unlearn(sub, zero_path, overwrite=not again, resume=again, method=ph.method, phase=ph.name)
+    E.release_engines()
+    summary = json.loads((out / "summary.json").read_text()) if E.is_main() else None
+    summary = E.broadcast_object(summary)
+    if code != EXIT_OK or not summary["model_exported"]:
+        raise PhaseStopped(f"phase {ph.name!r} stopped ({summary['stop_reason'] or 'exit code ' + str(code)}); "
+                           f"its run: {out}", code)
+    return float(summary["cost"]["unlearning_flops"])
+
+
+class PhaseStopped(RuntimeError):
+    """A train phase ended without a boundary (divergence guard, non-finite loss): the run stops there."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def edit_context(p: Prepared, ph: EditPhase) -> EditContext:
+    """Token counts of the streams an edit reads; the input embedding's parameter name; the initializer range."""
+    from .memory import planned_model
+    model = planned_model(p)
+    emb = model.get_input_embeddings().weight
+    embedding = next(n for n, q in model.named_parameters() if q is emb)
+    vocab = int(emb.shape[0])
+    counts = {}
+    for name in ph.statistics:
+        counts[name] = torch.zeros(vocab, dtype=torch.long)
+        for batch in p.streams[name].chunks.iter(batch_size=1024):  # the chunks as trained: what the rows saw
+            ids = torch.tensor([t for chunk in batch["input_ids"] for t in chunk], dtype=torch.long)
+            counts[name] += torch.bincount(ids, minlength=vocab)[:vocab]
+    return EditContext(token_counts=counts, embedding=embedding,
+                       init_std=float(getattr(p.model_config, "initializer_range", 0.02)), seed=p.cfg.train.seed)
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{model_dir}: no *.safetensors weights (phased methods read safetensors only)")
+    return files
+
+
+def rewrite(src: Path, dst: Path, transform: Callable[[str, torch.Tensor], Optional[torch.Tensor]]) -> None:
+    """``dst`` = ``src`` with every weight tensor passed through ``transform`` (None: kept), one shard at a time;
+    the other files (config, tokenizer, shard index) copied. Written whole or not at all."""
+    from safetensors.torch import load_file, save_file
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file() and f.suffix != ".safetensors":
+                shutil.copy2(f, tmp / f.name)
+        for shard in weight_files(src):
+            tensors = load_file(str(shard))
+            out = {}
+            for name, tensor in tensors.items():
+                new = transform(name, tensor)
+                if new is not None and (new.shape != tensor.shape or new.dtype != tensor.dtype):
+                    raise RuntimeError(f"edit of {name}: {tuple(new.shape)} {new.dtype}, expected "
+                                       f"{tuple(tensor.shape)} {tensor.dtype}")
+                out[name] = (tensor if new is None else new).contiguous()
+            save_file(out, str(tmp / shard.name), metadata={"format": "pt"})
+            del tensors, out
+    E.replace_dir(dst, write)
+
+
+class Tensors:
+    """Read-only access to a boundary's tensors by name, across its shards (one tensor in memory at a time)."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+        self.handles = [safe_open(str(f), framework="pt") for f in weight_files(model_dir)]
+        self.where = {k: h for h in self.handles for k in h.keys()}
+        self.model_dir = model_dir
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise RuntimeError(f"{self.model_dir}: no tensor {name!r} (boundaries of different models?)")
+        return self.where[name].get_tensor(name)
+
+
+def rewrite_phase(p: Prepared, ph, src: Path, dst: Path, boundaries: dict) -> None:
+    """An edit or arithmetic phase on rank 0: ``src`` (the previous boundary) into ``dst``."""
+    if isinstance(ph, EditPhase):
+        ctx = edit_context(p, ph)
+        rewrite(src, dst, lambda name, t: ph.edit(name, t, ctx))
+    elif isinstance(ph, ArithmeticPhase):
+        from .methods.phased import negate
+        base, moved = Tensors(Path(boundaries[ph.base])), Tensors(Path(boundaries[ph.moved]))
+        rewrite(src, dst, lambda name, t: negate(base[name], moved[name], ph.beta))
+    else:  # pragma: no cover - phased.py defines the kinds
+        raise TypeError(f"unknown phase kind {ph!r}")
+
+
+def final_prepared(p: Prepared, earlier: Earlier) -> tuple[Prepared, Prepared]:
+    """The last phase's run, and what its engines load: the last boundary (and a teacher boundary as reference)."""
+    final = p.method.final_phase()
+    cfg = p.cfg
+    streams = final.method.streams
+    steps = 0 if final.num_steps == 0 else plan_steps(cfg, p.streams[streams[0]].stats.num_chunks, p.world_size)
+    run_p = dataclasses.replace(p, method=final.method, weights=term_weights(final.method, cfg.method),
+                                streams={n: p.streams[n] for n in streams}, num_steps=steps)
+    last = list(earlier.boundaries.values())[-1]
+    engine_cfg = with_model(cfg, last)
+    if final.teacher is not None:
+        engine_cfg = dataclasses.replace(engine_cfg, reference=dataclasses.replace(
+            cfg.reference, mode="engine", path=earlier.boundaries[final.teacher]))
+    return run_p, dataclasses.replace(run_p, cfg=engine_cfg)
+

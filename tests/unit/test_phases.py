@@ -1,0 +1,189 @@
+"""Methods in phases (methods/phased.py, dsunlearn/phases.py): the tensor math against hand computations, and each
+phased method run end to end on the toy world (one process, ZeRO-3 over gloo), its boundaries checked by hand."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsunlearn.config import ConfigError, MethodConfig
+from dsunlearn.methods import build_method
+from dsunlearn.methods.phased import (forget_specific_tokens, forget_token_ratio, mean_rows, negate, noised,
+                                      tensor_seed)
+
+
+def test_token_ratio_and_selection_by_hand():
+    forget = torch.tensor([4, 0, 2, 2, 0])   # 8 forget tokens
+    retain = torch.tensor([0, 10, 4, 1, 5])  # 20 retain tokens
+    # token 0: (4/8) / ((0+1)/20) = 10; token 2: (2/8) / (5/20) = 1; token 3: (2/8) / (2/20) = 2.5
+    assert torch.allclose(forget_token_ratio(forget, retain),
+                          torch.tensor([10.0, 0.0, 1.0, 2.5, 0.0], dtype=torch.float64))
+    assert forget_specific_tokens(forget, retain, 3.0).tolist() == [True, False, False, False, False]
+    assert forget_specific_tokens(forget, retain, 2.5).tolist() == [True, False, False, True, False]
+    # a token absent from the forget text is never selected, however rare in retain
+    assert not forget_specific_tokens(torch.tensor([1, 0]), torch.tensor([0, 0]), 1.5)[1]
+
+
+def test_mean_rows_negate_and_noise_by_hand():
+    emb = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]])
+    out = mean_rows(emb, torch.tensor([True, False, False]))
+    assert out.tolist() == [[4.0, 6.5], [3.0, 4.0], [5.0, 9.0]] and emb[0].tolist() == [1.0, 2.0]
+    assert torch.equal(mean_rows(emb, torch.zeros(3, dtype=torch.bool)), emb)
+    base, moved = torch.tensor([1.0, -2.0]), torch.tensor([1.5, -1.0])
+    assert negate(base, moved, 2.0).tolist() == [0.0, -4.0]  # 1 - 2 * 0.5, -2 - 2 * 1
+    w = torch.full((3, 2), 2.0)
+    assert torch.equal(noised("a.weight", w, 0.0, 1.0, 0.02, 0), w)
+    g = torch.Generator().manual_seed(tensor_seed(7, "a.weight"))
+    fresh = torch.randn((3, 2), generator=g) * 0.02
+    assert torch.allclose(noised("a.weight", w, 0.25, 2.0, 0.02, 7), 0.75 * w + 0.5 * fresh)
+    assert torch.equal(noised("a.weight", w, 0.25, 2.0, 0.02, 7), noised("a.weight", w, 0.25, 2.0, 0.02, 7))
+    assert not torch.equal(noised("b.weight", w, 0.25, 2.0, 0.02, 7), noised("a.weight", w, 0.25, 2.0, 0.02, 7))
+    norm = torch.full((2,), 3.0)
+    assert torch.allclose(noised("layers.0.input_layernorm.weight", norm, 0.5, 1.0, 0.02, 0), torch.full((2,), 2.0))
+    assert torch.allclose(noised("lm.bias", norm, 0.5, 1.0, 0.02, 0), torch.full((2,), 1.5))
+
+
+def test_distillation_of_a_teacher_into_itself_is_zero():
+    from dsunlearn.methods.base import StreamOutputs
+    from dsunlearn.methods.phased import Distillation
+    from dsunlearn.methods.terms import reference_distribution
+    logits = torch.randn(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5))
+    ref = reference_distribution(logits)
+    from dsunlearn.methods.base import ReferenceOutputs
+    out = StreamOutputs(logits=logits, labels=labels, input_ids=labels,
+                        reference=ReferenceOutputs(topk_logprobs=ref[0], topk_ids=ref[1], rest_logmass=ref[2]))
+    assert abs(float(Distillation().terms({"retain": out})["retain"])) < 1e-6
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("token_rows", {"token_threshold": 1.0}, "token_threshold: expected > 1"),
+    ("task_vector", {"beta": 0}, "beta: expected > 0"),
+    ("task_vector", {"fit_steps": 0}, "fit_steps: expected an integer >= 1"),
+    ("undo", {"unlearn_method": "negate_repair"}, "unlearn_method: expected one of"),
+    ("undo", {"alpha": 1.5}, "alpha: expected in [0, 1]"),
+])
+def test_bad_phase_knobs_are_refused(name, params, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        build_method(MethodConfig(name=name, params=params))
+
+
+def test_phases_of_each_method():
+    kinds = {name: [(ph.name, ph.kind) for ph in build_method(MethodConfig(name=name)).phases()]
+             for name in ("token_rows", "task_vector", "negate_repair", "undo")}
+    assert kinds["negate_repair"] == [("rows", "edit"), ("fit", "train"), ("negate", "arithmetic"), ("repair", "train")]
+    assert kinds["undo"] == [("unlearn", "train"), ("noise", "edit"), ("distil", "train")]
+    nr = build_method(MethodConfig(name="negate_repair"))
+    assert [ph.name for ph in nr.earlier_phases()] == ["rows", "fit", "negate"] and nr.final_phase().name == "repair"
+    tv = build_method(MethodConfig(name="task_vector"))
+    assert [ph.name for ph in tv.earlier_phases()] == ["fit", "negate"] and tv.final_phase().num_steps == 0
+
+
+# ---- end to end on the toy world ----
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _run(toy_world, tmp_path, name: str, method: dict, **sections) -> Path:
+    from dsunlearn.cli import main
+    from helpers import CPU_ZERO3, write_run_config
+    run_dir = tmp_path / name
+    sections.setdefault("train", {"num_steps": 2, "micro_batch_size": 2})
+    sections.setdefault("eval", {"every_n_steps": 1, "stop_tolerance": 0.1, "allow_unjudged": True})
+    cfg = write_run_config(tmp_path / f"{name}.json", toy_world, run_dir, method=method, **sections)
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]) == 0
+    return run_dir
+
+
+def _token_counts(path: str, vocab: int, tokenizer_dir: str, seq_len: int = 64) -> torch.Tensor:
+    """By hand: the toy world's documents tokenised and chunked as the run does, counted."""
+    from transformers import AutoTokenizer
+    from dsunlearn.data import load_documents, tokenize_and_chunk
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    chunks, _ = tokenize_and_chunk(load_documents(path, "text"), tok, seq_len, 16, True, None, source="test")
+    ids = torch.tensor([t for c in chunks["input_ids"] for t in c])
+    return torch.bincount(ids, minlength=vocab)
+
+
+def test_token_rows_edits_exactly_the_forget_specific_rows(toy_world, tmp_path):
+    run = _run(toy_world, tmp_path, "rows", {"name": "token_rows", "params": {"token_threshold": 2.0}})
+    before, after = _weights(Path(toy_world["model"])), _weights(run / "model")
+    emb = "model.embed_tokens.weight"
+    vocab = before[emb].shape[0]
+    rows = forget_specific_tokens(_token_counts(toy_world["forget"], vocab, toy_world["model"]),
+                                  _token_counts(toy_world["retain"], vocab, toy_world["model"]), 2.0)
+    assert 0 < int(rows.sum()) < vocab
+    want = before[emb].clone()
+    want[rows] = before[emb][~rows].double().mean(0).to(want.dtype)
+    assert torch.equal(after[emb], want)
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != emb)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [h["label"] for h in metrics["history"]] == ["before", "after phases"]
+    assert metrics["exported_step"] == 0 and metrics["cost"]["phases"][0]["phase"] == "rows"
+    record = json.loads((run / "phases" / "1-rows" / "phase.json").read_text())
+    assert record["kind"] == "edit" and record["flops"] == 0 and record["boundary_bytes"] > 0
+
+
+def test_task_vector_is_the_negated_fine_tune(toy_world, tmp_path):
+    run = _run(toy_world, tmp_path, "tv", {"name": "task_vector", "params": {"fit_steps": 2, "fit_batch": 4,
+                                                                             "beta": 1.5}})
+    theta0, fit, result = (_weights(d) for d in (Path(toy_world["model"]), run / "phases" / "1-fit" / "model",
+                                                  run / "model"))
+    assert any(not torch.equal(fit[k], theta0[k]) for k in theta0)
+    for k in theta0:
+        assert torch.allclose(result[k], theta0[k] - 1.5 * (fit[k] - theta0[k]), atol=1e-6), k
+    fit_log = [json.loads(x) for x in (run / "phases" / "1-fit" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in fit_log] == [1, 2] and {r["phase"] for r in fit_log} == {"fit"}
+    cost = json.loads((run / "summary.json").read_text())["cost"]
+    assert [p["phase"] for p in cost["phases"]] == ["fit", "negate"]
+    assert cost["unlearning_flops"] == pytest.approx(sum(p["flops"] for p in cost["phases"]))
+    assert cost["phases"][0]["flops"] > 0 and cost["phases"][1]["flops"] == 0
+
+
+def test_negate_repair_repairs_from_the_negated_boundary(toy_world, tmp_path):
+    run = _run(toy_world, tmp_path, "nr", {"name": "negate_repair",
+                                           "params": {"token_threshold": 2.0, "fit_steps": 2, "fit_batch": 4}})
+    rows, fit, negated = (_weights(run / "phases" / d / "model") for d in ("1-rows", "2-fit", "3-negate"))
+    for k in rows:  # the task vector is taken about the edited model, not theta_0
+        assert torch.allclose(negated[k], rows[k] - 2.0 * (fit[k] - rows[k]), atol=1e-6), k
+    metrics = json.loads((run / "metrics.json").read_text())
+    labels = [h["label"] for h in metrics["history"]]
+    assert labels == ["before", "after phases", "step 1", "step 2"]
+    before = metrics["history"][0]["splits"]["forget"]["loss"]
+    assert metrics["history"][1]["splits"]["forget"]["loss"] > before  # the original, not the boundary, is "before"
+    log_rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log_rows] == ["repair", "repair"]
+    cost = metrics["cost"]
+    assert cost["unlearning_flops"] == pytest.approx(cost["phases"][1]["flops"] + cost["flops_per_step"]["total"] * 2)
+
+
+def test_undo_noises_the_teacher_and_distils_from_it(toy_world, tmp_path):
+    run = _run(toy_world, tmp_path, "undo", {"name": "undo", "params": {
+        "unlearn_method": "ga_gd", "unlearn_steps": 2, "unlearn_batch": 2, "alpha": 0.5, "noise_beta": 1.0}})
+    teacher, noisy = (_weights(run / "phases" / d / "model") for d in ("1-unlearn", "2-noise"))
+    init_std = json.loads((Path(toy_world["model"]) / "config.json").read_text()).get("initializer_range", 0.02)
+    for k in teacher:
+        assert torch.allclose(noisy[k], noised(k, teacher[k], 0.5, 1.0, init_std, 42), atol=1e-7), k
+    reference = json.loads((run / "reference.json").read_text())["reference"]
+    assert reference["mode"] == "engine" and reference["streams"] == {"retain": "logits"}  # the teacher, frozen
+    assert json.loads((run / "config.json").read_text())["reference"]["path"] is None  # the user's knobs kept
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["history"][-1]["label"] == "step 2" and not math.isnan(metrics["cost"]["unlearning_flops"])
+
+
+def test_phased_runs_refuse_what_they_cannot_do(toy_world, tmp_path, capsys):
+    from dsunlearn.cli import main
+    from helpers import CPU_ZERO3, write_run_config
+    cases = [({"name": "negate_repair"}, {"adapter": {"rank": 4}}, "adapter.rank=4: method 'negate_repair' works in "
+                                                                   "phases on the full weights"),
+             ({"name": "undo"}, {"reference": {"mode": "cache"}}, "reference.mode='cache': phase 'distil' distils")]
+    for i, (method, sections, message) in enumerate(cases):
+        cfg = write_run_config(tmp_path / f"c{i}.json", toy_world, tmp_path / f"r{i}", method=method, **sections)
+        assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / f"r{i}").exists()  # refused before the run directory was touched
