@@ -163,13 +163,20 @@ def dry_run(cfg, zero_path: str, world_size: int, after=None, device_memory: Opt
     with E.weights_not_checked() as unchecked:
         cfg, chain = plan_request(cfg, after, dry_run=True)
         p = prepare(cfg, zero_path, world_size, earlier=earlier_forget_sets(chain))
+    from . import phases as P
+    phases = None
     with quiet_torchao():  # transformers imports torchao with the model classes the plan builds on the meta device
-        plan = plan_memory(p, budget)
+        if P.check(p):  # a phased method: each phase planned, the last one (the run's own) in full
+            plan, phases = P.plan_phases(p, zero_path, budget)
+        else:
+            plan = plan_memory(p, budget)
     print(json.dumps({"run_config": to_dict(cfg), "zero_config": p.ds_config, "world_size": world_size,
                       "num_steps": p.num_steps, "chain": chain, "weights_not_checked": unchecked,
-                      "memory_plan": plan}, indent=2))
+                      "phases": phases, "memory_plan": plan}, indent=2))
     for line in unchecked:
         print(f"weights not checked (a dry run reads none); a real run stops: {line}", file=sys.stderr)
+    if phases:
+        print(P.phases_table(phases), file=sys.stderr)
     print(plan_table(plan), file=sys.stderr)
     return 1 if budget is not None and plan["fits"] is not True else 0
 

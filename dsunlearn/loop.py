@@ -36,8 +36,8 @@ from .methods import select_trainable
 from .methods.base import StreamOutputs
 from .methods.terms import chunk_nll, split_streams
 from .prepare import Prepared, prepare
-from .rundir import (RunLogger, RunState, claim_run_dir, has_checkpoint, load_latest_checkpoint, restore_last_good,
-                     restore_skip_counters, save_checkpoint, truncate_log, write_run_files)
+from .rundir import (RunLogger, RunState, claim_run_dir, has_checkpoint, restore_last_good, resume_from_checkpoint,
+                     save_checkpoint, write_run_files)
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,8 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
             reference_factory=None, method=None, after: Optional[str] = None, phase: Optional[str] = None) -> int:
     """Run one unlearning job end to end. Returns the process exit code.
 
-    ``method`` overrides the registry lookup (``dsunlearn pretrain`` passes plain language modelling; ``phases.py``
-    a train phase's method, ``phase`` its name). ``after``: the run directory of the previous removal request; this
-    one starts from its model (``chain.py``). A phased method's earlier phases run first (``phases.py``).
-    """
+    ``method`` overrides the registry lookup (``dsunlearn pretrain``: plain language modelling; ``phases.py``: a
+    phase's method, ``phase`` its name). ``after``: the previous removal request's run dir (``chain.py``)."""
     started = time.time()
     E.init_distributed()
     run_dir = cfg.output.run_dir
@@ -156,31 +154,24 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     earlier = C.earlier_forget_sets(chain) if chain else {}
     # Everything checkable, before the run dir is touched.
     p = prepare(cfg, zero_path, E.world_size(), method=method, earlier=earlier)
-    phased = P.is_phased(p.method)
-    if phased:
-        P.check(p)
+    phased = P.check(p)
     claim_run_dir(run_dir, overwrite, resume)
     write_run_files(p, zero_path, resume)
     if chain is not None and not resume:
         C.write_chain(run_dir, chain)
-    done = None
+    engine_p, earlier = p, ()
     if phased:  # the earlier phases, each to a boundary; the rest of this function is the last phase
         try:
-            done = P.run_earlier_phases(p, zero_path, resume)
+            p, engine_p, earlier, phase = P.run_phased(p, zero_path, resume)
         except P.PhaseStopped as e:
             log.error("%s", e)
             return e.exit_code
-        phase = p.method.final_phase().name
-        p, engine_p = P.final_prepared(p, done)
-    run = build_run(engine_p if phased else p, reference_factory)
-    run.cfg, run.earlier = cfg, done.records if done else ()
+    run = build_run(engine_p, reference_factory)
+    run.cfg, run.earlier = cfg, earlier
     state = RunState()
     resume = resume and has_checkpoint(run_dir)  # a phased run killed in an earlier phase starts its last afresh
     if resume:
-        state.step = load_latest_checkpoint(run.engine, run_dir)
-        if E.is_main():
-            truncate_log(Path(run_dir) / "log.jsonl", state.step)
-        restore_skip_counters(Path(run_dir) / "log.jsonl", state)
+        resume_from_checkpoint(run.engine, run_dir, state)
     pretraining = p.method.streams == ("train",)
     logger = RunLogger(run_dir, p.num_steps, state.step, E.is_main(), desc="pretrain" if pretraining else "unlearn",
                        phase=phase)
@@ -204,10 +195,8 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
             exit_code, weights_ok = EXIT_UNJUDGED, False
         else:
             exit_code, weights_ok = train(run, state, p.num_steps, logger, evaluator)
-        audit = None
-        if p.audits:
-            audit = lambda model_dir, original: run_audits(p, model_dir, cfg.eval.retrained_model,  # noqa: E731
-                                                          original)
+        audit = (lambda model_dir, original: run_audits(p, model_dir, cfg.eval.retrained_model, original)) \
+            if p.audits else None
         finish_run(run, state, p.num_steps, exit_code, logger, evaluator, started, plan_cost=plan_cost,
                    tokenizer=p.tokenizer, export=cfg.output.save_model and weights_ok, audit=audit, chain=chain)
     finally:

@@ -280,8 +280,9 @@ def simulate_depth(p, model_config, activation_checkpointing: bool, reference_mo
         else:
             reference = None
 
-        result["step"] = _peak_transient(lambda tracker: micro_step(model, method, p.weights, batches, reference,
-                                                                    tracker))
+        if method.streams:  # a phased method's evaluation-only last phase (phased.HOLD) takes no step
+            result["step"] = _peak_transient(lambda tracker: micro_step(model, method, p.weights, batches,
+                                                                        reference, tracker))
     return result
 
 

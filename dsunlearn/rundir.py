@@ -157,6 +157,14 @@ def load_latest_checkpoint(engine, run_dir: str) -> int:
     return int(client["step"])
 
 
+def resume_from_checkpoint(engine, run_dir: str, state: RunState) -> None:
+    """--resume: the last complete checkpoint's weights and step, the log cut back to it, the skip counters."""
+    state.step = load_latest_checkpoint(engine, run_dir)
+    if E.is_main():
+        truncate_log(Path(run_dir) / "log.jsonl", state.step)
+    restore_skip_counters(Path(run_dir) / "log.jsonl", state)
+
+
 def truncate_log(path: Path, step: int) -> None:
     """On resume: drop log lines of steps after the checkpoint (they are run again)."""
     if path.is_file():

@@ -187,3 +187,21 @@ def test_phased_runs_refuse_what_they_cannot_do(toy_world, tmp_path, capsys):
         assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / f"r{i}").exists()  # refused before the run directory was touched
+
+
+def test_dry_run_plans_every_phase(toy_world, tmp_path, capsys):
+    from dsunlearn.cli import main
+    from helpers import CPU_ZERO3, write_run_config
+    cfg = write_run_config(tmp_path / "u.json", toy_world, tmp_path / "u", method={"name": "undo"},
+                           train={"num_steps": 4, "micro_batch_size": 2})
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3, "--dry-run", "--world-size", "2"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    rows = out["phases"]
+    assert [(r["phase"], r["kind"], r["steps"]) for r in rows] == [("unlearn", "train", 30), ("noise", "edit", 0),
+                                                                    ("distil", "distil", 4)]
+    assert rows[0]["peak_bytes"] > 0 and rows[1]["host_bytes"] > 0 and rows[1]["peak_bytes"] is None
+    assert rows[2]["peak_bytes"] == out["memory_plan"]["peak_bytes"]  # the last phase is the run's own plan
+    assert out["memory_plan"]["reference_mode"] == "engine"  # the teacher: a frozen engine
+    assert "phases of the method:" in captured.err and "3. distil" in captured.err
+    assert not (tmp_path / "u").exists()
