@@ -157,7 +157,7 @@ def dry_run(cfg, zero_path: str, world_size: int, after=None, device_memory: Opt
     from . import engine as E
     from .chain import earlier_forget_sets, plan_request
     from .logs import quiet_torchao
-    from .memory import parse_memory, plan_memory, plan_table
+    from .memory import parse_memory, plan_memory, plan_phases, plan_table, phases_table
     from .prepare import prepare
     budget = parse_memory(device_memory) if device_memory else None
     with E.weights_not_checked() as unchecked:
@@ -167,7 +167,7 @@ def dry_run(cfg, zero_path: str, world_size: int, after=None, device_memory: Opt
     phases = None
     with quiet_torchao():  # transformers imports torchao with the model classes the plan builds on the meta device
         if P.check(p):  # a phased method: each phase planned, the last one (the run's own) in full
-            plan, phases = P.plan_phases(p, zero_path, budget)
+            plan, phases = plan_phases(p, zero_path, budget)
         else:
             plan = plan_memory(p, budget)
     print(json.dumps({"run_config": to_dict(cfg), "zero_config": p.ds_config, "world_size": world_size,
@@ -176,7 +176,7 @@ def dry_run(cfg, zero_path: str, world_size: int, after=None, device_memory: Opt
     for line in unchecked:
         print(f"weights not checked (a dry run reads none); a real run stops: {line}", file=sys.stderr)
     if phases:
-        print(P.phases_table(phases), file=sys.stderr)
+        print(phases_table(phases), file=sys.stderr)
     print(plan_table(plan), file=sys.stderr)
     return 1 if budget is not None and plan["fits"] is not True else 0
 

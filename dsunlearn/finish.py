@@ -122,7 +122,8 @@ def finish_run(run, state, num_steps: int, exit_code: int, logger, evaluator, st
         parts.local("summary", lambda: write_json_atomic(run_dir / "summary.json", {
             "steps": state.step, "num_steps": num_steps, "stop_reason": state.stop_reason, "exit_code": exit_code,
             "skipped_steps": state.skipped_steps, "train_seconds": round(state.seconds, 3),
-            "wall_seconds": round(time.time() - started, 3), "cost": cost, "model_exported": model_dir.is_dir(),
+            "wall_seconds": round(time.time() - started, 3), "peak_memory_bytes": E.peak_memory(),
+            "cost": cost, "model_exported": model_dir.is_dir(),
             "errors": errors()}))
         if cost is not None:
             log.info("cost: %s", cost_line(cost))

@@ -162,7 +162,7 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     engine_p, earlier = p, ()
     if phased:  # the earlier phases, each to a boundary; the rest of this function is the last phase
         try:
-            p, engine_p, earlier, phase = P.run_phased(p, zero_path, resume)
+            p, engine_p, earlier, phase = P.run_phased(p, zero_path, resume, unlearn)
         except P.PhaseStopped as e:
             log.error("%s", e)
             return e.exit_code

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional
 
@@ -684,4 +685,54 @@ def plan_table(plan: dict) -> str:
         lines.append(f"  {plan['verdict']}")
         for item in plan.get("exceeds", []):
             lines.append(f"    largest: {item}")
+    return "\n".join(lines)
+
+
+def plan_phases(p, zero_path: str, budget: Optional[int] = None) -> tuple[dict, list]:
+    """--dry-run of a phased method: the memory plan of its last phase (the run's own, with its evaluations and
+    audits: ``memory.plan_memory``) and one row per phase, each with its peak per device. A train phase is planned
+    as the run it is (``phase_config``); an edit or arithmetic phase holds, on rank 0's host, one shard of every
+    boundary it reads plus the shard it writes (2 for an edit, 4 for an arithmetic: its input, base and moved)."""
+    from .phases import INPUT, EditPhase, Earlier, TrainPhase, final_prepared, phase_config
+    from .methods import term_weights
+    from .zero import resolve_configs
+    cfg, method = p.cfg, p.method
+    boundaries = {INPUT: cfg.model.path, **{ph.name: f"<phase {ph.name}>" for ph in method.phases()}}
+    final = method.final_phase()
+    model_bytes = None
+    rows = []
+    for k, ph in enumerate(method.earlier_phases(), start=1):
+        if isinstance(ph, TrainPhase):
+            sub = phase_config(cfg, ph, cfg.model.path, Path(cfg.output.run_dir) / "phases" / f"{k}-{ph.name}",
+                               boundaries, p.world_size)
+            sub_p = dataclasses.replace(p, cfg=sub, ds_config=resolve_configs(sub, zero_path, p.world_size),
+                                        method=ph.method, weights=term_weights(ph.method, sub.method), audits=(),
+                                        eval_streams={}, num_steps=ph.num_steps)
+            plan = plan_memory(sub_p)
+            model_bytes = model_bytes or plan["parameters"]["total"] * (4 if precision(p.ds_config) == "fp32" else 2)
+            rows.append({"phase": ph.name, "kind": "distil" if ph.teacher else "train", "steps": ph.num_steps,
+                         "peak_bytes": plan["peak_bytes"], "where": "every device"})
+        else:
+            rows.append({"phase": ph.name, "kind": ph.kind, "steps": 0, "peak_bytes": None,
+                         "where": "rank 0 host", "shards_in_memory": 2 if isinstance(ph, EditPhase) else 4})
+    run_p, engine_p = final_prepared(p, Earlier(boundaries=boundaries))
+    plan = plan_memory(dataclasses.replace(engine_p, num_steps=run_p.num_steps), budget)
+    rows.append({"phase": final.name, "kind": "distil" if final.teacher else "train" if final.num_steps != 0
+                 else "evaluation", "steps": run_p.num_steps, "peak_bytes": plan["peak_bytes"],
+                 "where": "every device"})
+    for row in rows:  # a shard is at most the whole model (one-file safetensors, as the engines export)
+        if row["peak_bytes"] is None and model_bytes is None:
+            model_bytes = plan["parameters"]["total"] * (4 if precision(p.ds_config) == "fp32" else 2)
+        if row["peak_bytes"] is None:
+            row["host_bytes"] = row["shards_in_memory"] * model_bytes
+    return plan, rows
+
+
+def phases_table(rows: list) -> str:
+    lines = ["phases of the method:"]
+    for k, r in enumerate(rows, start=1):
+        peak = fmt(r["peak_bytes"]) + " per device" if r["peak_bytes"] is not None else \
+            f"{fmt(r['host_bytes'])} on rank 0's host (at most; one shard at a time)"
+        lines.append(f"  {k}. {r['phase']:<10} {r['kind']:<11} {r['steps'] if r['steps'] is not None else '-':>5} "
+                     f"steps   peak {peak}")
     return "\n".join(lines)

@@ -76,10 +76,12 @@ def check(p: Prepared) -> bool:
     return True
 
 
-def run_phased(p: Prepared, zero_path: str, resume: bool) -> tuple[Prepared, Prepared, list, str]:
-    """The earlier phases (``run_earlier_phases``), then what the last phase needs: its prepared run, what its
-    engines load (``final_prepared``), the earlier phases' records (for the cost) and its name (for the log)."""
-    earlier = run_earlier_phases(p, zero_path, resume)
+def run_phased(p: Prepared, zero_path: str, resume: bool, unlearn: Callable) -> tuple[Prepared, Prepared, list, str]:
+    """The earlier phases (``run_earlier_phases``; ``unlearn``: ``loop.unlearn``, which runs each train phase), then
+    what the last phase needs: its prepared run, what its engines load (``final_prepared``), the earlier phases'
+    records (for the cost) and its name (for the log)."""
+    earlier = run_earlier_phases(p, zero_path, resume, unlearn)
+    E.reset_peak_memory()  # summary.json's peak is the last phase's
     run_p, engine_p = final_prepared(p, earlier)
     return run_p, engine_p, earlier.records, p.method.final_phase().name
 
@@ -88,7 +90,7 @@ def phase_dirs(run_dir: str, method: PhasedMethod) -> list[Path]:
     return [Path(run_dir) / "phases" / f"{k}-{ph.name}" for k, ph in enumerate(method.earlier_phases(), start=1)]
 
 
-def run_earlier_phases(p: Prepared, zero_path: str, resume: bool) -> Earlier:
+def run_earlier_phases(p: Prepared, zero_path: str, resume: bool, unlearn: Callable) -> Earlier:
     """Every phase before the run's own training, in order; a complete one (``phase.json``) is not run again."""
     method, run_dir = p.method, p.cfg.output.run_dir
     done = Earlier(boundaries={INPUT: p.cfg.model.path})
@@ -103,7 +105,7 @@ def run_earlier_phases(p: Prepared, zero_path: str, resume: bool) -> Earlier:
             started = time.perf_counter()
             E.reset_peak_memory()
             if isinstance(ph, TrainPhase):
-                flops = train_phase(p, ph, previous, out, done.boundaries, zero_path, resume)
+                flops = train_phase(p, ph, previous, out, done.boundaries, zero_path, resume, unlearn)
             else:
                 with E.together(f"phase {ph.name}"):
                     if E.is_main():
@@ -141,16 +143,16 @@ def phase_config(cfg, ph: TrainPhase, model_path: str, out: Path, boundaries: di
 
 
 def train_phase(p: Prepared, ph: TrainPhase, model_path: str, out: Path, boundaries: dict, zero_path: str,
-                resume: bool) -> float:
-    """One train phase as a run of its own; returns its FLOPs. A killed one resumes from its checkpoint."""
-    from .loop import EXIT_OK, unlearn
+                resume: bool, unlearn: Callable) -> float:
+    """One train phase as a run of its own (``unlearn``); returns its FLOPs. A killed one resumes from its
+    checkpoint."""
     sub = phase_config(p.cfg, ph, model_path, out, boundaries, p.world_size)
     again = resume and (out / "checkpoints" / "latest.json").is_file()
     code = unlearn(sub, zero_path, overwrite=not again, resume=again, method=ph.method, phase=ph.name)
     E.release_engines()
     summary = json.loads((out / "summary.json").read_text()) if E.is_main() else None
     summary = E.broadcast_object(summary)
-    if code != EXIT_OK or not summary["model_exported"]:
+    if code != 0 or not summary["model_exported"]:
         raise PhaseStopped(f"phase {ph.name!r} stopped ({summary['stop_reason'] or 'exit code ' + str(code)}); "
                            f"its run: {out}", code)
     return float(summary["cost"]["unlearning_flops"])
@@ -166,8 +168,8 @@ class PhaseStopped(RuntimeError):
 
 def edit_context(p: Prepared, ph: EditPhase) -> EditContext:
     """Token counts of the streams an edit reads; the input embedding's parameter name; the initializer range."""
-    from .memory import planned_model
-    model = planned_model(p)
+    from .cost import meta_model
+    model = meta_model(p.model_config)
     emb = model.get_input_embeddings().weight
     embedding = next(n for n, q in model.named_parameters() if q is emb)
     vocab = int(emb.shape[0])
@@ -256,52 +258,3 @@ def final_prepared(p: Prepared, earlier: Earlier) -> tuple[Prepared, Prepared]:
     return run_p, dataclasses.replace(run_p, cfg=engine_cfg)
 
 
-
-def plan_phases(p: Prepared, zero_path: str, budget: Optional[int] = None) -> tuple[dict, list]:
-    """--dry-run of a phased method: the memory plan of its last phase (the run's own, with its evaluations and
-    audits: ``memory.plan_memory``) and one row per phase, each with its peak per device. A train phase is planned
-    as the run it is (``phase_config``); an edit or arithmetic phase holds, on rank 0's host, one shard of every
-    boundary it reads plus the shard it writes (2 for an edit, 4 for an arithmetic: its input, base and moved)."""
-    from .memory import plan_memory
-    from .zero import precision, resolve_configs
-    cfg, method = p.cfg, p.method
-    boundaries = {INPUT: cfg.model.path, **{ph.name: f"<phase {ph.name}>" for ph in method.phases()}}
-    final = method.final_phase()
-    model_bytes = None
-    rows = []
-    for k, ph in enumerate(method.earlier_phases(), start=1):
-        if isinstance(ph, TrainPhase):
-            sub = phase_config(cfg, ph, cfg.model.path, Path(cfg.output.run_dir) / "phases" / f"{k}-{ph.name}",
-                               boundaries, p.world_size)
-            sub_p = dataclasses.replace(p, cfg=sub, ds_config=resolve_configs(sub, zero_path, p.world_size),
-                                        method=ph.method, weights=term_weights(ph.method, sub.method), audits=(),
-                                        eval_streams={}, num_steps=ph.num_steps)
-            plan = plan_memory(sub_p)
-            model_bytes = model_bytes or plan["parameters"]["total"] * (4 if precision(p.ds_config) == "fp32" else 2)
-            rows.append({"phase": ph.name, "kind": "distil" if ph.teacher else "train", "steps": ph.num_steps,
-                         "peak_bytes": plan["peak_bytes"], "where": "every device"})
-        else:
-            rows.append({"phase": ph.name, "kind": ph.kind, "steps": 0, "peak_bytes": None,
-                         "where": "rank 0 host", "shards_in_memory": 2 if isinstance(ph, EditPhase) else 4})
-    run_p, engine_p = final_prepared(p, Earlier(boundaries=boundaries))
-    plan = plan_memory(dataclasses.replace(engine_p, num_steps=run_p.num_steps), budget)
-    rows.append({"phase": final.name, "kind": "distil" if final.teacher else "train" if final.num_steps != 0
-                 else "evaluation", "steps": run_p.num_steps, "peak_bytes": plan["peak_bytes"],
-                 "where": "every device"})
-    for row in rows:  # a shard is at most the whole model (one-file safetensors, as the engines export)
-        if row["peak_bytes"] is None and model_bytes is None:
-            model_bytes = plan["parameters"]["total"] * (4 if precision(p.ds_config) == "fp32" else 2)
-        if row["peak_bytes"] is None:
-            row["host_bytes"] = row["shards_in_memory"] * model_bytes
-    return plan, rows
-
-
-def phases_table(rows: list) -> str:
-    from .memory import fmt
-    lines = ["phases of the method:"]
-    for k, r in enumerate(rows, start=1):
-        peak = fmt(r["peak_bytes"]) + " per device" if r["peak_bytes"] is not None else \
-            f"{fmt(r['host_bytes'])} on rank 0's host (at most; one shard at a time)"
-        lines.append(f"  {k}. {r['phase']:<10} {r['kind']:<11} {r['steps'] if r['steps'] is not None else '-':>5} "
-                     f"steps   peak {peak}")
-    return "\n".join(lines)
