@@ -16,7 +16,7 @@ from dsunlearn.config import AdapterConfig, ConfigError, RunConfig, from_dict
 from dsunlearn.methods import METHODS, build_method, term_weights
 from dsunlearn.methods.terms import chunk_nll
 from helpers import CPU_ZERO3, write_run_config
-from test_methods import SEQ_LEN, STEP_CASES, _batches, _streams, world  # noqa: F401 - world is a fixture
+from test_methods import ONE_PHASE_METHODS, SEQ_LEN, STEP_CASES, _batches, _streams, world  # noqa: F401 - world is a fixture
 
 LORA = AdapterConfig(rank=4, alpha=8.0)
 
@@ -269,7 +269,7 @@ def test_bad_adapter_config_is_one_line_and_exit_2(toy_world, tmp_path, capsys, 
 def test_reference_mode_auto_follows_the_adapter():
     assert RunConfig().reference.mode == "engine"
     assert RunConfig(adapter=AdapterConfig(rank=8)).reference.mode == "adapters_off"
-    assert set(METHODS) == set(STEP_CASES)
+    assert ONE_PHASE_METHODS == set(STEP_CASES)
 
 
 def test_lora_run_with_a_cached_reference_resumes_exactly(toy_world, tmp_path):

@@ -71,9 +71,15 @@ def test_bad_phase_knobs_are_refused(name, params, message):
         build_method(MethodConfig(name=name, params=params))
 
 
+PHASED_METHODS = ("token_rows", "task_vector", "negate_repair", "undo")  # each run end to end below
+
+
 def test_phases_of_each_method():
+    from dsunlearn.methods import METHODS
+    from dsunlearn.methods.phased import PhasedMethod
+    assert {n for n, cls in METHODS.items() if issubclass(cls, PhasedMethod)} == set(PHASED_METHODS)
     kinds = {name: [(ph.name, ph.kind) for ph in build_method(MethodConfig(name=name)).phases()]
-             for name in ("token_rows", "task_vector", "negate_repair", "undo")}
+             for name in PHASED_METHODS}
     assert kinds["negate_repair"] == [("rows", "edit"), ("fit", "train"), ("negate", "arithmetic"), ("repair", "train")]
     assert kinds["undo"] == [("unlearn", "train"), ("noise", "edit"), ("distil", "train")]
     nr = build_method(MethodConfig(name="negate_repair"))
