@@ -1,4 +1,4 @@
-# make demo  -- install, build the demo world (cached), unlearn with SimNPO (the best shipped method on the demo world), evaluate, audit (relearning, quantization), print the report path
+# make demo  -- install, build the demo world (cached), unlearn with negate_repair (the shipped method closest to the twin), evaluate, audit (relearning, quantization), print the report path
 # make test  -- install, run the unit, distributed (2 CPU ranks) and GPU (skipped without CUDA) tests
 SHELL := /bin/bash
 VENV ?= .venv

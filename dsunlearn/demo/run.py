@@ -3,9 +3,11 @@
 1. Build (or reuse) the demo world: books, papers and code from Debian/PyPI packages, split into forget / retain /
    approximate / general sets, and its tokenizer (``.cache/demo_world``).
 2. Take the committed model pair: the original (trained with the forget set) and its exact-retrain twin.
-3. Unlearn the original with SimNPO, the shipped method closest to the twin on two model pairs
-   (docs/tuning.md; ``dsunlearn/configs/demo.json``), evaluating every 5 steps and stopping when
-   the forget loss reaches the target; the verdict says whether that is forgetting (eval/verdict.py).
+3. Unlearn the original with ``negate_repair``, the shipped method closest to the twin on two model pairs
+   (docs/tuning.md, "Methods in phases"; ``dsunlearn/configs/demo.json``): its phases set the forget-specific
+   tokens' embedding rows to the mean row, fit and negate a forget task vector, then repair on retain data,
+   evaluating every 5 steps; the step closest to the target is exported, and the verdict says whether that is
+   forgetting (eval/verdict.py).
 4. Audit the exported model (``eval.audits``): does the forgetting survive a 20-step fine-tune on half of the forget
    documents, or 8-/4-bit weights, compared with the twin put through the same (eval/audit.py)?
 5. Write the report (markdown + PNG plots): before / after / retrained side by side, the audits first when one fails.
