@@ -25,6 +25,7 @@ setup(
         "scipy>=1.10",  # the KS test of TOFU's forget quality
         "rdata>=1.0",  # the demo world's R data sets (dsunlearn/demo/lazyload.py)
         "torchao>=0.14",  # the quantization audit's round-to-nearest weights (dsunlearn/eval/audit.py)
+        "rouge-score>=0.1.2",  # VerbMem's ROUGE-L (dsunlearn/eval/generate.py), the package MUSE scores with
     ],
     extras_require={
         "dev": ["pytest>=8", "gguf>=0.10", "peft>=0.13"],

@@ -197,6 +197,16 @@ class EvalConfig:
     """With the stop rule on, a run whose evaluation before unlearning cannot judge the forget set (it already looks
     unseen, or the split check failed) stops before the first step, exports nothing and exits with code 4. True
     trains anyway (the stop rule then has nothing sound to stop on)."""
+    memorisation_prefix: int = 32
+    """Verbatim memorisation, teacher-forced, on every evaluated split: the first N tokens of each chunk are the
+    prompt, the rest the continuation scored by exact memorisation and extraction strength (eval/metrics.py,
+    docs/evaluation.md). 0 turns both off."""
+    verbmem_prompts: int = 16
+    """VerbMem (MUSE): once, at the end of ``unlearn``, the first N forget chunks of the report part are cut after
+    ``memorisation_prefix`` tokens and decoded greedily by the model before, the exported model and the twin; the
+    score is ROUGE-L F1 against the true continuation (eval/generate.py). 0 turns it off."""
+    verbmem_tokens: int = 64
+    """Most tokens VerbMem decodes per prompt (MUSE: 128); a chunk's true continuation caps it."""
     audits: tuple = ()
     """Audits run on the exported model at the end of ``unlearn`` (``"relearn"``, ``"quantize"``; settings in the
     ``audit`` section): does the forgetting survive a short fine-tune or 8/4-bit weights? See docs/evaluation.md."""
@@ -481,6 +491,12 @@ def validate(cfg: RunConfig) -> None:
         (e.micro_batch_size >= 1, "eval.micro_batch_size: expected >= 1"),
         (e.max_chunks is None or e.max_chunks >= 1, "eval.max_chunks: expected >= 1 or null"),
         (e.stop_tolerance >= 0, "eval.stop_tolerance: expected >= 0"),
+        (0 <= e.memorisation_prefix < cfg.data.seq_len, f"eval.memorisation_prefix: expected 0 <= prefix < "
+         f"data.seq_len ({cfg.data.seq_len}), got {e.memorisation_prefix}"),
+        (e.verbmem_prompts >= 0, f"eval.verbmem_prompts: expected >= 0 (0 = off), got {e.verbmem_prompts}"),
+        (e.verbmem_tokens >= 1, f"eval.verbmem_tokens: expected >= 1, got {e.verbmem_tokens}"),
+        (not e.verbmem_prompts or e.memorisation_prefix > 0, "eval.verbmem_prompts > 0 needs "
+         "eval.memorisation_prefix > 0: the prefix is VerbMem's prompt"),
         (0 <= e.selection_fraction < 1, f"eval.selection_fraction: expected 0 <= fraction < 1, got "
                                         f"{e.selection_fraction}"),
         (not rule_on or e.every_n_steps > 0,

@@ -8,6 +8,7 @@
     export             ``model/`` from the final weights (stop rule off)              together
     chain              ``chain.json``'s result hash: after the last part that exports  rank 0, agreed
     audits             on ``model/``, once the run's engines are released             together
+    VerbMem            greedy decoding by the state before, ``model/`` and the twin   together
     report             metrics.json, report.md, plots from what was evaluated         rank 0
     summary            summary.json, always                                           rank 0
 
@@ -99,21 +100,31 @@ def finish_run(run, state, num_steps: int, exit_code: int, logger, evaluator, st
                                                            E.adapter_dir(cfg)))
     if chain is not None:
         chain = parts.together("chain record", lambda: C.record_result(cfg, str(run_dir))) or chain
+    def release_run_engines():  # the audits and VerbMem load models of their own: free the run's first
+        run.engine = run.reference = None
+        if evaluator is not None:
+            evaluator.engine = None
+        E.release_engines()
+
     audits = None
     if audit is not None and model_dir.is_dir():
         def audits_part():
-            run.engine = run.reference = None
-            if evaluator is not None:
-                evaluator.engine = None
-            E.release_engines()
+            release_run_engines()
             return audit(str(model_dir), C.original_of(str(model_dir), cfg.model.path))
         audits = parts.together("audits", audits_part)
         if audits is not None and E.is_main():
             for line in audits["failures"]:
                 log.warning("%s", line)
+    verbmem = None
+    if evaluator is not None and cfg.eval.verbmem_prompts and model_dir.is_dir():
+        def verbmem_part():
+            release_run_engines()
+            return evaluator.verbatim_memorisation(str(model_dir))
+        verbmem = parts.together("verbatim memorisation", verbmem_part)
     errors = lambda: [f"{type(e).__name__}: {e}" for e in parts.errors]  # noqa: E731
     if evaluator is not None:
-        extra = {k: v for k, v in (("cost", cost), ("audits", audits), ("chain", chain)) if v is not None}
+        extra = {k: v for k, v in (("cost", cost), ("audits", audits), ("chain", chain),
+                                                ("verbmem", verbmem)) if v is not None}
         parts.local("evaluation report",
                     lambda: evaluator.finish(state, extra={**extra, "model_exported": model_dir.is_dir(),
                                                            "errors": errors()}))

@@ -38,6 +38,38 @@ def split_table(columns: dict[str, Optional[dict]]) -> list[str]:
     return lines
 
 
+def memorisation_table(columns: dict[str, Optional[dict]]) -> list[str]:
+    """Markdown table: exact memorisation and extraction strength per split and model state (when evaluated)."""
+    present = {k: v for k, v in columns.items()
+               if v and any("exact_memorisation" in m for m in v["splits"].values())}
+    if not present:
+        return []
+    splits = []
+    for v in present.values():
+        splits += [s for s in v["splits"] if s not in splits]
+    lines = ["| split | " + " | ".join(f"{name} exact mem." for name in present) + " | " +
+             " | ".join(f"{name} extraction" for name in present) + " |", "|" + "---|" * (1 + 2 * len(present))]
+    for s in splits:
+        cells = [_fmt(v["splits"].get(s, {}).get(key)) for key in ("exact_memorisation", "extraction_strength")
+                 for v in present.values()]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def verbmem_lines(verbmem: Optional[dict]) -> list[str]:
+    """The VerbMem paragraph and table (``Evaluator.verbatim_memorisation``), or nothing when it did not run."""
+    if not verbmem or not verbmem.get("num_prompts"):
+        return []
+    states = [k for k in ("before", "after", "retrained") if verbmem.get(k)]
+    where = "the report part's" if verbmem.get("part") else "the"
+    return [f"VerbMem (MUSE): {where} first {verbmem['num_prompts']} {verbmem['split']} chunks, cut after "
+            f"{verbmem['prefix']} tokens, decoded greedily (at most {verbmem['max_new_tokens']} tokens); ROUGE-L F1 "
+            "against the true continuation (1 = verbatim; the twin, which never saw the text, shows the level of "
+            "unseen text).", "",
+            "| | " + " | ".join(states) + " |", "|" + "---|" * (1 + len(states)),
+            "| VerbMem | " + " | ".join(_fmt(verbmem[k]["verbmem"]) for k in states) + " |", ""]
+
+
 def mia_table(columns: dict[str, Optional[dict]]) -> list[str]:
     present = {k: v for k, v in columns.items() if v and v.get("mia")}
     if not present:
@@ -124,6 +156,12 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
              "Forgotten means: forget loss at the target, no attack beyond the twin's level (or chance), retain and "
              "approximate loss within the utility tolerance (docs/evaluation.md).", "",
              *split_table(columns), *([f"{caveat.strip()}"] if caveat else []), "",
+             *(["## Verbatim memorisation", "",
+                f"Teacher-forced: each chunk's first {metrics.get('memorisation_prefix')} tokens are the prompt; "
+                "exact memorisation = the share of the continuation's tokens the model's argmax predicts, extraction "
+                "strength = the share of the continuation's end it predicts without a miss (docs/evaluation.md).",
+                "", *memorisation_table(columns), "", *verbmem_lines(metrics.get("verbmem"))]
+               if memorisation_table(columns) or verbmem_lines(metrics.get("verbmem")) else []),
              "## Membership inference (AUC 0.5 = indistinguishable; reported as is, never folded)", "",
              *mia_table(columns), *([f"{caveat.strip()}"] if caveat else []), ""]
     lines += earlier_requests_section(after, before, metrics.get("chain"))

@@ -113,7 +113,7 @@ def load_eval_splits(cfg: RunConfig, tokenizer, streams: dict) -> dict[str, Eval
 
 @torch.no_grad()
 def score_split(model_engine, split: EvalSplit, seq_len: int, pad_id: int, micro_batch: int,
-                ref_nll: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                ref_nll: Optional[torch.Tensor] = None, memorisation_prefix: int = 0) -> dict[str, torch.Tensor]:
     """Per-chunk stats for the whole split, identical on every rank, in the split's chunk order."""
     batches = rank_batches(len(split.input_ids), micro_batch, E.rank(), E.world_size())
     mine = [i for rows in batches for i in rows]
@@ -124,7 +124,7 @@ def score_split(model_engine, split: EvalSplit, seq_len: int, pad_id: int, micro
         batch = collate([split.input_ids[i] for i in idx], seq_len, pad_id)
         logits = E.forward(model_engine, batch).logits
         stats = chunk_stats(logits, batch["labels"].to(logits.device), texts=[split.texts[i] for i in idx],
-                            ref_nll=None if ref_nll is None else ref_nll[idx])
+                            ref_nll=None if ref_nll is None else ref_nll[idx], memorisation_prefix=memorisation_prefix)
         parts.append({k: v[:real].cpu() for k, v in stats.items()})
     local = concat_stats(parts) if mine else {}
     gathered = E.all_gather_objects((mine, local))
@@ -152,7 +152,7 @@ def evaluate_model(model_engine, splits: dict[str, EvalSplit], cfg: RunConfig, p
     was_training = model_engine.training
     model_engine.eval()
     stats = {name: score_split(model_engine, split, cfg.data.seq_len, pad_id, cfg.eval.micro_batch_size,
-                               ref_nll=(ref_nll or {}).get(name))
+                               ref_nll=(ref_nll or {}).get(name), memorisation_prefix=cfg.eval.memorisation_prefix)
              for name, split in splits.items()}
     result = summarise(stats, mia)
     if parts:
@@ -238,6 +238,8 @@ def compact(result: dict) -> dict:
 def scalars(result: dict, prefix: str = "eval") -> dict:
     out = {f"{prefix}/{name}/loss": m["loss"] for name, m in result["splits"].items()}
     out.update({f"{prefix}/{name}/accuracy": m["accuracy"] for name, m in result["splits"].items()})
+    out.update({f"{prefix}/{name}/{key}": m[key] for name, m in result["splits"].items()
+                for key in ("exact_memorisation", "extraction_strength") if m.get(key) is not None})
     if "mia" in result:
         out.update({f"{prefix}/mia/{k}/auc": v["auc"] for k, v in result["mia"].items()})
     figures = result.get("judgement", {}).get("figures", {})
@@ -427,6 +429,34 @@ class Evaluator:
                      split_check=None if self.standalone else self.split_check,
                      original=part_of(self.original, part), exclude_attacks=(REFERENCE_ATTACK,) if twin_free else ())
 
+    def verbatim_memorisation(self, model_dir: str) -> Optional[dict]:
+        """VerbMem (``generate.verbmem``) of the state before, the exported model and the twin, on the same prompts:
+        the first ``eval.verbmem_prompts`` forget chunks of the report part (all chunks when the run does not choose
+        a step) that are longer than the prefix. Each model is loaded as a frozen engine in turn; call it on every
+        rank, once the run's own engines are released. None when it is off or there is no forget split."""
+        from .generate import verbmem
+        e = self.cfg.eval
+        split = self.splits.get(MEMBER_SPLIT)
+        if not e.verbmem_prompts or split is None or self.standalone:
+            return None
+        rows = self.parts[MEMBER_SPLIT][REPORT] if self.parts else range(len(split.input_ids))
+        chunks = [split.input_ids[i] for i in rows if len(split.input_ids[i]) > e.memorisation_prefix]
+        chunks = chunks[:e.verbmem_prompts]
+        out = {"split": MEMBER_SPLIT, "part": REPORT if self.parts else None, "prefix": e.memorisation_prefix,
+               "max_new_tokens": e.verbmem_tokens, "num_prompts": len(chunks)}
+        for label, path in (("before", self.before_model or self.cfg.model.path), ("after", model_dir),
+                            ("retrained", e.retrained_model)):
+            if path is None or not chunks:
+                out[label] = None
+                continue
+            with frozen_engine(self.cfg, self.ds_config, path) as frozen:
+                scored = verbmem(frozen, chunks, self.tokenizer, e.memorisation_prefix, e.verbmem_tokens,
+                                 batch_size=e.micro_batch_size)
+            out[label] = {"verbmem": scored["verbmem"], "per_prompt": scored["per_prompt"]}
+            if E.is_main():
+                log.info("VerbMem %s: %.4f over %d prompts", label, scored["verbmem"], scored["num_prompts"])
+        return out
+
     def unjudged_refusal(self) -> Optional[str]:
         """Why the run must not take a step, or None: the stop rule is on and the evaluation before unlearning
         cannot judge the forget set (``eval.allow_unjudged`` lets a user who knows better go on)."""
@@ -463,6 +493,7 @@ class Evaluator:
             "stop_reason": state.stop_reason,
             "exported_step": after["entry"]["step"],
             "stop_target": self.cfg.eval.stop_target,
+            "memorisation_prefix": self.cfg.eval.memorisation_prefix,
             "verdict": verdict_line(after["result"]["judgement"]),
             "judgement": after["result"]["judgement"],
             "selection": selection(after["result"]),

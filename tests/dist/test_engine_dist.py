@@ -48,12 +48,14 @@ def runs(toy_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_runs")
     out = {}
     one = write_run_config(root / "one.json", toy_world, root / "one",
-                           train={"micro_batch_size": 4, "num_steps": NUM_STEPS, "lr": 5e-3})
+                           train={"micro_batch_size": 4, "num_steps": NUM_STEPS, "lr": 5e-3},
+                           eval={"verbmem_prompts": 16})
     p = run_cli(["unlearn", "--config", str(one), "--zero", CPU_ZERO3])
     assert p.returncode == 0, p.stderr[-3000:]
     out["one"] = root / "one"
     two = write_run_config(root / "two.json", toy_world, root / "two",
-                           train={"micro_batch_size": 2, "num_steps": NUM_STEPS, "lr": 5e-3})
+                           train={"micro_batch_size": 2, "num_steps": NUM_STEPS, "lr": 5e-3},
+                           eval={"verbmem_prompts": 16})
     p = run_cli(["unlearn", "--config", str(two), "--zero", CPU_ZERO3],
                 launcher=deepspeed_launcher(2))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -188,3 +190,23 @@ def test_run_writes_report_and_metrics(runs):
     for split, m in metrics["after"]["splits"].items():
         before = metrics["before"]["splits"][split]
         assert f"| {split} | {before['loss']:.3f} | {m['loss']:.3f} |" in report, split
+
+
+def test_verbmem_two_ranks_match_one_rank_and_plain_decoding(runs, toy_world):
+    """VerbMem at the end of the run (4 batches of 4 prompts, dealt to 2 ranks under ZeRO-3, synced decoding) gives
+    1 rank's scores, and those of the same prompts decoded by a plain transformers model of each directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from dsunlearn.data import load_documents, tokenize_and_chunk
+    from dsunlearn.eval.generate import verbmem
+    one = json.loads((runs["one"] / "metrics.json").read_text())["verbmem"]
+    two = json.loads((runs["two"] / "metrics.json").read_text())["verbmem"]
+    assert one["num_prompts"] == two["num_prompts"] == 16 and one["retrained"] is None
+    tokenizer = AutoTokenizer.from_pretrained(toy_world["model"])
+    chunks, _ = tokenize_and_chunk(load_documents(toy_world["forget"]), tokenizer, 64)
+    prompts = [list(c) for c in chunks["input_ids"] if len(c) > one["prefix"]][:16]
+    for label, path in (("before", toy_world["model"]), ("after", runs["one"] / "model")):
+        assert two[label]["per_prompt"] == pytest.approx(one[label]["per_prompt"], abs=1e-9), label
+        plain = verbmem(AutoModelForCausalLM.from_pretrained(path).eval(), prompts, tokenizer, one["prefix"],
+                        one["max_new_tokens"])
+        assert one[label]["per_prompt"] == pytest.approx(plain["per_prompt"], abs=1e-9), label
+    assert "VerbMem (MUSE)" in (runs["two"] / "report.md").read_text()

@@ -180,3 +180,49 @@ def test_blocking_does_not_change_results(setup, rows):
     b = chunk_stats(s["logits"], s["labels"], texts=s["texts"], block_elements=rows * VOCAB)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def _logits_predicting(labels: torch.Tensor, correct: list[list[bool]], vocab: int = 5) -> torch.Tensor:
+    """Logits whose argmax at position t is labels[t+1] where ``correct[b][t]``, another token elsewhere."""
+    batch, seq = labels.shape
+    logits = torch.zeros(batch, seq, vocab)
+    for b in range(batch):
+        for t, ok in enumerate(correct[b]):
+            target = int(labels[b, t + 1]) if labels[b, t + 1] != IGNORE_INDEX else 0
+            logits[b, t, target if ok else (target + 1) % vocab] = 5.0
+    return logits
+
+
+def test_exact_memorisation_and_extraction_strength_by_hand():
+    # Prompt = the first 2 tokens; the continuation = tokens 2.. (predicted at shifted positions 1..).
+    labels = torch.tensor([[1, 2, 3, 4, 1, 2],              # y = tokens 2..5 (4 tokens)
+                           [2, 3, 4, 1, IGNORE_INDEX, IGNORE_INDEX],  # y = tokens 2..3 (2 tokens)
+                           [3, 4, 1, 2, 3, 4],              # y = 4 tokens, the last one missed
+                           [4, 1, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])  # no continuation
+    correct = [[False, True, False, True, True],   # y: hit miss hit hit -> exact 3/4, matching suffix 2 -> 0.5
+               [False, True, True, False, False],  # y: hit hit -> 1, 1 (positions past the chunk do not count)
+               [True, True, True, True, False],    # y: hit hit hit miss -> 3/4, 0 (no matching suffix)
+               [True, False, False, False, False]]  # |y| = 0: left out of the means
+    stats = chunk_stats(_logits_predicting(labels, correct), labels, memorisation_prefix=2)
+    assert stats["mem_tokens"].tolist() == [4, 2, 4, 0]
+    assert stats["mem_correct"].tolist() == [3, 2, 3, 0]
+    assert stats["mem_suffix"].tolist() == [2, 2, 0, 0]
+    metrics = split_metrics(stats)
+    assert metrics["exact_memorisation"] == pytest.approx((3 / 4 + 1 + 3 / 4) / 3)
+    assert metrics["extraction_strength"] == pytest.approx((2 / 4 + 1 + 0) / 3)
+    # Prompt of 1 token: chunk 3 has one continuation token (predicted at position 0: a hit).
+    one = chunk_stats(_logits_predicting(labels, correct), labels, memorisation_prefix=1)
+    assert one["mem_tokens"].tolist() == [5, 3, 5, 1] and one["mem_suffix"].tolist() == [2, 2, 0, 1]
+    # Off by default: no memorisation fields at all; a split where no chunk has a continuation gives None.
+    assert "mem_tokens" not in chunk_stats(_logits_predicting(labels, correct), labels)
+    assert "exact_memorisation" not in split_metrics(chunk_stats(_logits_predicting(labels, correct), labels))
+    short = chunk_stats(_logits_predicting(labels[3:], correct[3:]), labels[3:], memorisation_prefix=2)
+    assert split_metrics(short)["exact_memorisation"] is None
+
+
+def test_memorisation_stats_are_rank_invariant(setup):
+    s = setup
+    whole = split_metrics(chunk_stats(s["logits"], s["labels"], memorisation_prefix=3))
+    parts = concat_stats([chunk_stats(s["logits"][3:], s["labels"][3:], memorisation_prefix=3),
+                          chunk_stats(s["logits"][:3], s["labels"][:3], memorisation_prefix=3)])
+    assert split_metrics(parts) == pytest.approx(whole, rel=1e-12)

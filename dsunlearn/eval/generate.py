@@ -1,0 +1,105 @@
+"""Batched greedy decoding across ranks, under ZeRO-3, and the verbatim-memorisation score of what comes out.
+
+``greedy_continuations`` cuts the prompts into fixed batches of ``batch_size`` in prompt order (the same batches at
+every world size, so every prompt is decoded in the same padded batch: 2 ranks give 1 rank's token ids) and deals the
+batches to the ranks round-robin. Each batch is one ``transformers`` ``generate`` call: greedy, with the KV cache,
+left padding and an attention mask (positions follow the mask, as ``generate`` computes them), stopping a row at
+EOS. Under ZeRO-3 every forward is collective, so ``synced_gpus`` keeps the ranks stepping together until every rank's
+batch is done, and a rank with fewer batches decodes its first batch again and drops the result.
+
+``verbmem`` is MUSE's VerbMem (Shi et al. 2024, arXiv 2407.06460): the ROUGE-L F1 of the greedy continuation of a
+prompt against the true continuation (``rouge-score``, no stemmer, as MUSE; open-unlearning turns the stemmer on).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .. import engine as E
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, max_len]``, each prompt right-aligned (pads on the left)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def generated_tokens(row: torch.Tensor, pad_id: int, eos_id: Optional[int]) -> list[int]:
+    """One row of ``generate``'s new tokens up to (not including) its first EOS; a row that ends early is padded."""
+    out = row.tolist()
+    if eos_id is not None and eos_id in out:
+        return out[:out.index(eos_id)]
+    return out
+
+
+@torch.no_grad()
+def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
+                         eos_id: Optional[int], batch_size: int = 16) -> list[list[int]]:
+    """The greedy continuation (token ids, EOS excluded) of every prompt, the same list on every rank.
+
+    ``model``: a ``transformers`` model, a PEFT model, or a DeepSpeed engine (its ``module`` decodes; under ZeRO-3
+    its hooks gather the parameters at each forward). Call it on every rank with the same prompts.
+    """
+    from transformers import GenerationConfig
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_continuations: every prompt needs at least one token")
+    module = getattr(model, "module", model)
+    world, rank = E.world_size(), E.rank()
+    batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+    mine = batches[rank::world]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                              pad_token_id=pad_id, eos_token_id=eos_id)
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    found: dict[int, list[int]] = {}
+    for call in range(math.ceil(len(batches) / world)):
+        rows = mine[call] if call < len(mine) else batches[0]  # a rank out of batches still steps with the others
+        batch = {k: v.to(device) for k, v in left_padded([prompts[i] for i in rows], pad_id).items()}
+        out = module.generate(**batch, generation_config=config, synced_gpus=world > 1)
+        new = out[:, batch["input_ids"].shape[1]:].cpu()
+        if call < len(mine):
+            found.update({i: generated_tokens(new[j], pad_id, eos_id) for j, i in enumerate(rows)})
+    if was_training:
+        module.train()
+    merged: dict[int, list[int]] = {}
+    for part in E.all_gather_objects(found):
+        merged.update(part)
+    return [merged[i] for i in range(len(prompts))]
+
+
+def rouge_l_f1(predictions: Sequence[str], references: Sequence[str], use_stemmer: bool = False) -> list[float]:
+    """ROUGE-L F1 of each prediction against its reference (``rouge-score``'s tokenizer: lower-cased words)."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
+def verbmem(model, chunks: Sequence[Sequence[int]], tokenizer, prefix: int, max_new_tokens: int,
+            batch_size: int = 16) -> Optional[dict]:
+    """MUSE's VerbMem over chunks: prompt = a chunk's first ``prefix`` tokens, truth = the next tokens (at most
+    ``max_new_tokens``; a shorter chunk's generation is cut to its continuation's length in tokens), greedy decode,
+    ROUGE-L F1. ``{"verbmem": mean F1, "num_prompts": n, "per_prompt": [F1, ...], "generated": [ids, ...]}``; None
+    when no chunk is longer than ``prefix``."""
+    usable = [list(c) for c in chunks if len(c) > prefix]
+    if not usable:
+        return None
+    truth = [c[prefix:prefix + max_new_tokens] for c in usable]
+    new_tokens = max(len(t) for t in truth)
+    generated = greedy_continuations(model, [c[:prefix] for c in usable], new_tokens, tokenizer.pad_token_id,
+                                     tokenizer.eos_token_id, batch_size)
+    generated = [g[:len(t)] for g, t in zip(generated, truth)]
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    scores = rouge_l_f1([decode(g) for g in generated], [decode(t) for t in truth])
+    return {"verbmem": sum(scores) / len(scores), "num_prompts": len(scores), "per_prompt": scores,
+            "generated": generated}
