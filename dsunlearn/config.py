@@ -52,6 +52,12 @@ class DataConfig:
     """General-domain text (the study's "general retain data"; also evaluated)."""
     train: Optional[str] = None
     """Training corpus of ``dsunlearn pretrain`` (plain next-token descent from scratch)."""
+    muse: Optional[str] = None
+    """A local copy of one MUSE corpus (Shi et al. 2024; e.g. ``.../MUSE-News``, ``.../data/news``), in MUSE's layout
+    and field names: ``raw/forget``, ``raw/retain1`` (else ``retain2``), ``raw/holdout`` become ``forget``,
+    ``retain`` and ``approximate``; ``verbmem/forget``, ``knowmem/forget_qa``, ``knowmem/retain_qa`` (else
+    ``retain2_qa``) become ``eval.verbmem_file``, ``eval.knowmem_forget`` and ``eval.knowmem_retain``. Each file may
+    be .json, .jsonl, .parquet or .txt (raw); set none of those fields yourself (dsunlearn/muse.py)."""
     retain_source: str = "retain"
     """Which set feeds a method's retain stream: "retain" (in-distribution) or "general"."""
     text_field: str = "text"
@@ -201,12 +207,25 @@ class EvalConfig:
     """Verbatim memorisation, teacher-forced, on every evaluated split: the first N tokens of each chunk are the
     prompt, the rest the continuation scored by exact memorisation and extraction strength (eval/metrics.py,
     docs/evaluation.md). 0 turns both off."""
-    verbmem_prompts: int = 16
-    """VerbMem (MUSE): once, at the end of ``unlearn``, the first N forget chunks of the report part are cut after
-    ``memorisation_prefix`` tokens and decoded greedily by the model before, the exported model and the twin; the
-    score is ROUGE-L F1 against the true continuation (eval/generate.py). 0 turns it off."""
-    verbmem_tokens: int = 64
+    generation_prompts: int = 16
+    """Generated metrics (eval/memorisation.py), once at the end of ``unlearn`` for the state before, the exported
+    model and the twin, and in ``dsunlearn eval``: at most N prompts per metric and split. VerbMem (MUSE) on the
+    forget, approximate and retain splits (each chunk cut after ``memorisation_prefix`` tokens; the report part
+    when the run chooses a step), KnowMem on ``knowmem_forget`` / ``knowmem_retain``. 0 turns generation off."""
+    verbmem_tokens: int = 128
     """Most tokens VerbMem decodes per prompt (MUSE: 128); a chunk's true continuation caps it."""
+    verbmem_file: Optional[str] = None
+    """MUSE's verbmem prompts (JSON list or JSONL of ``{"prompt", "gt"}``, e.g. ``verbmem/forget.json``): forget
+    VerbMem decodes these prompts and scores against ``gt`` instead of cutting forget chunks."""
+    knowmem_forget: Optional[str] = None
+    """KnowMem questions on the forget side (JSON list or JSONL of ``{"question", "answer"}``, MUSE's
+    ``knowmem/forget_qa.json``): knowledge that should be gone. A file ``<name>_icl<.ext>`` beside it holds the
+    in-context examples put before each question (MUSE's layout); none when it is absent."""
+    knowmem_retain: Optional[str] = None
+    """KnowMem questions on the retain side (MUSE's ``knowmem/retain_qa.json``): knowledge that must stay (MUSE's
+    utility)."""
+    knowmem_tokens: int = 32
+    """Most tokens of a KnowMem answer (MUSE: 32); the answer ends at the first line break."""
     audits: tuple = ()
     """Audits run on the exported model at the end of ``unlearn`` (``"relearn"``, ``"quantize"``; settings in the
     ``audit`` section): does the forgetting survive a short fine-tune or 8/4-bit weights? See docs/evaluation.md."""
@@ -439,6 +458,9 @@ def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig
     data = read_json_object(path, "run config") if path else {}
     data = apply_overrides(data, list(overrides))
     cfg = from_dict(RunConfig, data, where=path or "config")
+    if cfg.data.muse:
+        from .muse import resolve_muse
+        cfg = resolve_muse(cfg)
     validate(cfg)
     return cfg
 
@@ -493,9 +515,10 @@ def validate(cfg: RunConfig) -> None:
         (e.stop_tolerance >= 0, "eval.stop_tolerance: expected >= 0"),
         (0 <= e.memorisation_prefix < cfg.data.seq_len, f"eval.memorisation_prefix: expected 0 <= prefix < "
          f"data.seq_len ({cfg.data.seq_len}), got {e.memorisation_prefix}"),
-        (e.verbmem_prompts >= 0, f"eval.verbmem_prompts: expected >= 0 (0 = off), got {e.verbmem_prompts}"),
+        (e.generation_prompts >= 0, f"eval.generation_prompts: expected >= 0 (0 = off), got {e.generation_prompts}"),
         (e.verbmem_tokens >= 1, f"eval.verbmem_tokens: expected >= 1, got {e.verbmem_tokens}"),
-        (not e.verbmem_prompts or e.memorisation_prefix > 0, "eval.verbmem_prompts > 0 needs "
+        (e.knowmem_tokens >= 1, f"eval.knowmem_tokens: expected >= 1, got {e.knowmem_tokens}"),
+        (not e.generation_prompts or e.memorisation_prefix > 0, "eval.generation_prompts > 0 needs "
          "eval.memorisation_prefix > 0: the prefix is VerbMem's prompt"),
         (0 <= e.selection_fraction < 1, f"eval.selection_fraction: expected 0 <= fraction < 1, got "
                                         f"{e.selection_fraction}"),

@@ -8,7 +8,8 @@
     export             ``model/`` from the final weights (stop rule off)              together
     chain              ``chain.json``'s result hash: after the last part that exports  rank 0, agreed
     audits             on ``model/``, once the run's engines are released             together
-    VerbMem            greedy decoding by the state before, ``model/`` and the twin   together
+    generation         VerbMem, KnowMem: greedy decoding by the state before,        together
+                       ``model/`` and the twin (eval/memorisation.py)
     report             metrics.json, report.md, plots from what was evaluated         rank 0
     summary            summary.json, always                                           rank 0
 
@@ -115,16 +116,16 @@ def finish_run(run, state, num_steps: int, exit_code: int, logger, evaluator, st
         if audits is not None and E.is_main():
             for line in audits["failures"]:
                 log.warning("%s", line)
-    verbmem = None
-    if evaluator is not None and cfg.eval.verbmem_prompts and model_dir.is_dir():
-        def verbmem_part():
+    generation = None
+    if evaluator is not None and evaluator.prompt_sets and model_dir.is_dir():
+        def generation_part():
             release_run_engines()
-            return evaluator.verbatim_memorisation(str(model_dir))
-        verbmem = parts.together("verbatim memorisation", verbmem_part)
+            return evaluator.generation(evaluator.states_to_generate(str(model_dir)))
+        generation = parts.together("generated memorisation metrics", generation_part)
     errors = lambda: [f"{type(e).__name__}: {e}" for e in parts.errors]  # noqa: E731
     if evaluator is not None:
         extra = {k: v for k, v in (("cost", cost), ("audits", audits), ("chain", chain),
-                                                ("verbmem", verbmem)) if v is not None}
+                                   ("generation", generation)) if v is not None}
         parts.local("evaluation report",
                     lambda: evaluator.finish(state, extra={**extra, "model_exported": model_dir.is_dir(),
                                                            "errors": errors()}))

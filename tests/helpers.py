@@ -46,9 +46,9 @@ def write_run_config(path: Path, world: dict, run_dir: Path, **sections) -> Path
         "method": {"name": "ga_gd"},
         "train": {"lr": 1e-3, "micro_batch_size": 2, "num_steps": 5, "warmup_ratio": 0.0},
         "output": {"run_dir": str(run_dir)},
-        # VerbMem (greedy decoding of three models at the end) is off unless a test asks for it: it is checked on
-        # the 2-rank runs of tests/dist/test_engine_dist.py and by tests/unit/test_generate.py.
-        "eval": {"verbmem_prompts": 0},
+        # Generation (greedy decoding by three models at the end) is off unless a test asks for it: it is checked
+        # on the 2-rank runs of tests/dist/test_engine_dist.py, by tests/unit/test_generate.py and test_muse.py.
+        "eval": {"generation_prompts": 0},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)

@@ -85,21 +85,62 @@ def rouge_l_f1(predictions: Sequence[str], references: Sequence[str], use_stemme
     return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
 
 
+def scored_generations(model, prompts: Sequence[Sequence[int]], truths: Sequence[str], tokenizer,
+                       max_new_tokens, batch_size: int = 16, cut=None) -> dict:
+    """Greedy continuations of ``prompts`` scored by ROUGE-L F1 against ``truths`` (texts): the one scorer of VerbMem
+    and KnowMem, for every model. ``max_new_tokens``: an int, or one int per prompt (each generation is cut to its
+    own; the batch decodes to the largest). ``cut(text) -> text`` trims each decoded generation before scoring
+    (KnowMem: the answer ends at the first line break). ``{"score": mean F1, "num_prompts": n, "per_prompt": [F1],
+    "generated": [ids]}``."""
+    limits = list(max_new_tokens) if not isinstance(max_new_tokens, int) else [max_new_tokens] * len(prompts)
+    generated = greedy_continuations(model, prompts, max(limits), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                     batch_size)
+    generated = [g[:n] for g, n in zip(generated, limits)]
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+    scores = rouge_l_f1([cut(t) if cut else t for t in texts], list(truths))
+    return {"score": sum(scores) / len(scores), "num_prompts": len(scores), "per_prompt": scores,
+            "generated": generated}
+
+
 def verbmem(model, chunks: Sequence[Sequence[int]], tokenizer, prefix: int, max_new_tokens: int,
             batch_size: int = 16) -> Optional[dict]:
     """MUSE's VerbMem over chunks: prompt = a chunk's first ``prefix`` tokens, truth = the next tokens (at most
     ``max_new_tokens``; a shorter chunk's generation is cut to its continuation's length in tokens), greedy decode,
-    ROUGE-L F1. ``{"verbmem": mean F1, "num_prompts": n, "per_prompt": [F1, ...], "generated": [ids, ...]}``; None
-    when no chunk is longer than ``prefix``."""
+    ROUGE-L F1. ``scored_generations``' dict with the score also under ``"verbmem"``; None when no chunk is longer
+    than ``prefix``."""
     usable = [list(c) for c in chunks if len(c) > prefix]
     if not usable:
         return None
     truth = [c[prefix:prefix + max_new_tokens] for c in usable]
-    new_tokens = max(len(t) for t in truth)
-    generated = greedy_continuations(model, [c[:prefix] for c in usable], new_tokens, tokenizer.pad_token_id,
-                                     tokenizer.eos_token_id, batch_size)
-    generated = [g[:len(t)] for g, t in zip(generated, truth)]
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    scores = rouge_l_f1([decode(g) for g in generated], [decode(t) for t in truth])
-    return {"verbmem": sum(scores) / len(scores), "num_prompts": len(scores), "per_prompt": scores,
-            "generated": generated}
+    out = scored_generations(model, [c[:prefix] for c in usable], [decode(t) for t in truth], tokenizer,
+                             [len(t) for t in truth], batch_size)
+    return {"verbmem": out["score"], **out}
+
+
+QA_TEMPLATE = "Question: {question}\nAnswer: "
+"""KnowMem's prompt per question, after the in-context examples (each ``QA_TEMPLATE`` + answer + a blank line), as
+MUSE writes it."""
+
+
+def knowmem_prompt(question: str, examples: Sequence[tuple[str, str]] = ()) -> str:
+    shots = "".join(QA_TEMPLATE.format(question=q) + a + "\n\n" for q, a in examples)
+    return shots + QA_TEMPLATE.format(question=question)
+
+
+def first_line(text: str) -> str:
+    """The answer a model gives to a ``QA_TEMPLATE`` prompt: its text up to the first line break, stripped."""
+    return text.split("\n", 1)[0].strip()
+
+
+def knowmem(model, pairs: Sequence[tuple[str, str]], tokenizer, examples: Sequence[tuple[str, str]] = (),
+            max_new_tokens: int = 32, batch_size: int = 16) -> Optional[dict]:
+    """KnowMem (MUSE): each question, after the in-context ``examples``, answered greedily (at most
+    ``max_new_tokens``, up to the first line break), ROUGE-L F1 against the true answer. ``scored_generations``'
+    dict with the score also under ``"knowmem"``; None without pairs."""
+    if not pairs:
+        return None
+    prompts = [tokenizer(knowmem_prompt(q, examples), add_special_tokens=True)["input_ids"] for q, _ in pairs]
+    out = scored_generations(model, prompts, [a for _, a in pairs], tokenizer, max_new_tokens, batch_size,
+                             cut=first_line)
+    return {"knowmem": out["score"], **out}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -152,4 +153,31 @@ def plot_sweep_heatmap(x_values: Sequence, y_values: Sequence, gap, degraded, in
     ticks = sorted({0.0, band, -band, limit, -limit, *(t for t in (1.0, -1.0, 10.0, -10.0) if abs(t) < limit)})
     bar.set_ticks(ticks)
     bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    return _save(fig, path)
+
+
+def plot_memorisation(columns: Mapping[str, Optional[Mapping]], generation: Optional[Mapping], path) -> Optional[Path]:
+    """Grouped bars per split: VerbMem (``generation["scores"]``) and teacher-forced exact memorisation (each
+    evaluation's splits), one bar per model state (before / after / retrained). None when neither was measured."""
+    states = [k for k, v in columns.items() if v]
+    splits = ("forget", "approximate", "retain")
+    exact = {k: [columns[k]["splits"].get(s, {}).get("exact_memorisation") for s in splits] for k in states}
+    scores = (generation or {}).get("scores") or {}
+    verb = {k: [scores.get(k, {}).get(f"verbmem/{s}") for s in splits] for k in scores}
+    panels = [(title, series) for title, series in (("VerbMem (ROUGE-L F1, generated)", verb),
+                                                   ("exact memorisation (teacher-forced)", exact))
+              if any(v is not None for values in series.values() for v in values)]
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels))
+    names = {"before": "original", "after": "unlearned", "retrained": "twin", "model": "model"}
+    for ax, (title, series) in zip(axes, panels):
+        width = 0.8 / max(1, len(series))
+        for i, (state, values) in enumerate(series.items()):
+            x = np.arange(len(splits)) + i * width
+            ax.bar(x, [np.nan if v is None else v for v in values], width, label=names.get(state, state))
+        ax.set_xticks(np.arange(len(splits)) + 0.4 - width / 2, splits)
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+        ax.legend(fontsize="small")
     return _save(fig, path)

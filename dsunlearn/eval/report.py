@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .plots import plot_loss_histograms, plot_relearning, plot_roc, plot_split_losses_over_steps
+from .plots import (plot_loss_histograms, plot_memorisation, plot_relearning, plot_roc,
+                    plot_split_losses_over_steps)
 
 ROC_ATTACKS = ("loss", "zlib", "min_k_20", "min_k_pp_20", "ref")
 
@@ -56,18 +57,82 @@ def memorisation_table(columns: dict[str, Optional[dict]]) -> list[str]:
     return lines
 
 
-def verbmem_lines(verbmem: Optional[dict]) -> list[str]:
-    """The VerbMem paragraph and table (``Evaluator.verbatim_memorisation``), or nothing when it did not run."""
-    if not verbmem or not verbmem.get("num_prompts"):
+GENERATED_ROWS = (("verbmem/forget", "VerbMem, forget"), ("verbmem/approximate", "VerbMem, approximate"),
+                  ("verbmem/retain", "VerbMem, retain"), ("knowmem/forget", "KnowMem, forget"),
+                  ("knowmem/retain", "KnowMem, retain"))
+STATE_NAMES = {"before": "original", "after": "unlearned", "retrained": "twin", "model": "model"}
+
+
+def generation_lines(generation: Optional[dict]) -> list[str]:
+    """The generated metrics' paragraph and table (eval/memorisation.py), or nothing when generation did not run."""
+    if not generation or not generation.get("scores"):
         return []
-    states = [k for k in ("before", "after", "retrained") if verbmem.get(k)]
-    where = "the report part's" if verbmem.get("part") else "the"
-    return [f"VerbMem (MUSE): {where} first {verbmem['num_prompts']} {verbmem['split']} chunks, cut after "
-            f"{verbmem['prefix']} tokens, decoded greedily (at most {verbmem['max_new_tokens']} tokens); ROUGE-L F1 "
-            "against the true continuation (1 = verbatim; the twin, which never saw the text, shows the level of "
-            "unseen text).", "",
-            "| | " + " | ".join(states) + " |", "|" + "---|" * (1 + len(states)),
-            "| VerbMem | " + " | ".join(_fmt(verbmem[k]["verbmem"]) for k in states) + " |", ""]
+    states = list(generation["scores"])
+    sets = generation["sets"]
+    where = "the report part's" if generation.get("part") else "the"
+    lines = [f"Generated, greedy: VerbMem (MUSE) = ROUGE-L F1 (rouge-score, no stemmer) of the continuation a model "
+             f"writes after {where} chunks' first {generation['prefix']} tokens (at most "
+             f"{generation['verbmem_tokens']} tokens) against the true one; KnowMem = ROUGE-L F1 of its first-line "
+             f"answer to a question (at most {generation['knowmem_tokens']} tokens). 1 = verbatim; the twin, which "
+             "never saw the forget text, shows the level of unseen text.", "",
+             "| metric | prompts | " + " | ".join(STATE_NAMES.get(k, k) for k in states) + " |",
+             "|" + "---|" * (2 + len(states))]
+    for key, name in GENERATED_ROWS:
+        if key in sets:
+            src = "" if sets[key]["source"] == "chunks" else f" (`{Path(sets[key]['source']).name}`)"
+            lines.append(f"| {name}{src} | {sets[key]['num_prompts']} | " +
+                         " | ".join(_fmt(generation["scores"][k].get(key)) for k in states) + " |")
+    return lines + [""]
+
+
+def muse_lines(generation: Optional[dict], columns: dict[str, Optional[dict]]) -> list[str]:
+    """MUSE's four criteria (C1 VerbMem on forget, C2 KnowMem on forget, C3 PrivLeak with Min-40%, C4 KnowMem on
+    retain) when a MUSE prompt file was used, in MUSE's units (x 100)."""
+    if not generation or not any(s["source"] != "chunks" for s in generation["sets"].values()):
+        return []
+    states = list(generation["scores"])
+    pct = lambda x: "–" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    rows = [("VerbMem on forget (lower is better)", "verbmem/forget"),
+            ("KnowMem on forget (lower is better)", "knowmem/forget"),
+            ("KnowMem on retain (higher is better)", "knowmem/retain")]
+    lines = ["MUSE's criteria (x 100, as MUSE reports them):", "",
+             "| criterion | " + " | ".join(STATE_NAMES.get(k, k) for k in states) + " |",
+             "|" + "---|" * (1 + len(states))]
+    for name, key in rows:
+        if key in generation["sets"]:
+            lines.append(f"| {name} | " + " | ".join(pct(generation["scores"][k].get(key)) for k in states) + " |")
+    column = lambda k: columns.get("after" if k == "model" else k) or {}  # noqa: E731  (dsunlearn eval: "model")
+    leak = [pct((column(k).get("distance") or {}).get("privleak_per_attack", {}).get("min_k_40")) for k in states]
+    if any(x != "–" for x in leak):
+        lines.append("| PrivLeak, Min-40% (0 = like the twin; ours, strongest attack, in the header) | " +
+                     " | ".join(leak) + " |")
+    return lines + [""]
+
+
+def _md(text: str) -> str:
+    """Text inline in markdown: line breaks shown as ⏎, markup characters escaped."""
+    out = text.replace("\\", "\\\\").replace("\n", "⏎ ")
+    for ch in "*_`|<>[]#":
+        out = out.replace(ch, "\\" + ch)
+    return out
+
+
+def sample_lines(generation: Optional[dict]) -> list[str]:
+    """The forget prefixes side by side: the true continuation and each model's, tokens equal to the true token at
+    the same position in bold."""
+    rows = (generation or {}).get("samples") or []
+    if not rows:
+        return []
+    lines = ["### What each model writes after a forget prefix", "",
+             "Tokens in **bold** equal the true continuation's token at the same position.", ""]
+    for i, row in enumerate(rows, start=1):
+        lines += [f"**{i}.** prefix: {_md(row['prompt'])}", "", f"- truth: {_md(''.join(row['truth']))}"]
+        for label, tokens in row["models"].items():
+            text = "".join(f"**{_md(t)}**" if hit and t.strip() else _md(t) for t, hit in tokens)
+            hits = sum(1 for _, hit in tokens if hit)
+            lines.append(f"- {STATE_NAMES.get(label, label)} ({hits}/{len(tokens)} generated tokens match): {text}")
+        lines.append("")
+    return lines
 
 
 def mia_table(columns: dict[str, Optional[dict]]) -> list[str]:
@@ -133,6 +198,10 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
                                             plots / "hist.png",
                                             retrained=(retrained or {}).get("chunk_loss", {}).get("forget"))))
     columns = {"before": before, "after": after, "retrained": retrained}
+    memorised = plot_memorisation(columns, metrics.get("generation"), plots / "memorisation.png")
+    if memorised is not None:
+        images.append(("Verbatim memorisation per split: VerbMem (generated) and exact memorisation "
+                       "(teacher-forced)", memorised))
     unreliable = bool(split_check) and not split_check["passed"]
     # Every figure that compares with the approximate set carries the warning when the split check failed.
     caveat = " ⚠ approximate set unreliable (see the split check)" if unreliable else ""
@@ -160,8 +229,9 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
                 f"Teacher-forced: each chunk's first {metrics.get('memorisation_prefix')} tokens are the prompt; "
                 "exact memorisation = the share of the continuation's tokens the model's argmax predicts, extraction "
                 "strength = the share of the continuation's end it predicts without a miss (docs/evaluation.md).",
-                "", *memorisation_table(columns), "", *verbmem_lines(metrics.get("verbmem"))]
-               if memorisation_table(columns) or verbmem_lines(metrics.get("verbmem")) else []),
+                "", *memorisation_table(columns), "", *generation_lines(metrics.get("generation")),
+                *muse_lines(metrics.get("generation"), columns), *sample_lines(metrics.get("generation"))]
+               if memorisation_table(columns) or generation_lines(metrics.get("generation")) else []),
              "## Membership inference (AUC 0.5 = indistinguishable; reported as is, never folded)", "",
              *mia_table(columns), *([f"{caveat.strip()}"] if caveat else []), ""]
     lines += earlier_requests_section(after, before, metrics.get("chain"))

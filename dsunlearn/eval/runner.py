@@ -26,8 +26,9 @@ from ..prepare import prepare, with_model
 from ..rundir import RunLogger, RunState
 from .metrics import chunk_stats, concat_stats, split_metrics
 from .mia import attack_report
+from .memorisation import describe_sets, prompt_sets, samples, score_model, verbatim_reference, verbmem_band
 from .verdict import (CANNOT_JUDGE, MEMBER_SPLIT, NONMEMBER_SPLIT, REFERENCE_ATTACK, distance_to_retraining,
-                      extreme_attacks, forget_shortfall, judge, verdict_line)
+                      extreme_attacks, forget_shortfall, judge, verdict_line, with_verbatim_criterion)
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +329,9 @@ class Evaluator:
                 self.original = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=False, parts=self.parts)
         if resume_step is not None:
             self._load_state(resume_step)
+        # Generated metrics' prompts, read now so that a bad prompt file fails before the first step.
+        rows_of = lambda name: self.parts[name][REPORT] if self.parts else range(len(self.splits[name].input_ids))  # noqa: E731
+        self.prompt_sets = prompt_sets(cfg, self.splits, rows_of, tokenizer)
 
     def _check_split(self, before: dict) -> Optional[dict]:
         """Is the approximate set a fair stand-in for unseen data? (blind baseline + the original model's gap)."""
@@ -429,33 +433,36 @@ class Evaluator:
                      split_check=None if self.standalone else self.split_check,
                      original=part_of(self.original, part), exclude_attacks=(REFERENCE_ATTACK,) if twin_free else ())
 
-    def verbatim_memorisation(self, model_dir: str) -> Optional[dict]:
-        """VerbMem (``generate.verbmem``) of the state before, the exported model and the twin, on the same prompts:
-        the first ``eval.verbmem_prompts`` forget chunks of the report part (all chunks when the run does not choose
-        a step) that are longer than the prefix. Each model is loaded as a frozen engine in turn; call it on every
-        rank, once the run's own engines are released. None when it is off or there is no forget split."""
-        from .generate import verbmem
-        e = self.cfg.eval
-        split = self.splits.get(MEMBER_SPLIT)
-        if not e.verbmem_prompts or split is None or self.standalone:
+    def states_to_generate(self, model_dir: str) -> dict:
+        """The model directories generation scores at the end of a run: before, the exported model, the twin."""
+        return {"before": self.before_model or self.cfg.model.path, "after": model_dir,
+                "retrained": self.cfg.eval.retrained_model}
+
+    def generation(self, models: dict) -> Optional[dict]:
+        """VerbMem and KnowMem (eval/memorisation.py) of every model in ``models`` (label -> a model directory,
+        loaded as a frozen engine in turn, or an engine already loaded; None is skipped), on the same prompts. Call
+        it on every rank, with the run's own engines released. None when generation is off."""
+        if not self.prompt_sets:
             return None
-        rows = self.parts[MEMBER_SPLIT][REPORT] if self.parts else range(len(split.input_ids))
-        chunks = [split.input_ids[i] for i in rows if len(split.input_ids[i]) > e.memorisation_prefix]
-        chunks = chunks[:e.verbmem_prompts]
-        out = {"split": MEMBER_SPLIT, "part": REPORT if self.parts else None, "prefix": e.memorisation_prefix,
-               "max_new_tokens": e.verbmem_tokens, "num_prompts": len(chunks)}
-        for label, path in (("before", self.before_model or self.cfg.model.path), ("after", model_dir),
-                            ("retrained", e.retrained_model)):
-            if path is None or not chunks:
-                out[label] = None
+        scored = {}
+        for label, model in models.items():
+            if model is None:
                 continue
-            with frozen_engine(self.cfg, self.ds_config, path) as frozen:
-                scored = verbmem(frozen, chunks, self.tokenizer, e.memorisation_prefix, e.verbmem_tokens,
-                                 batch_size=e.micro_batch_size)
-            out[label] = {"verbmem": scored["verbmem"], "per_prompt": scored["per_prompt"]}
+            if isinstance(model, (str, Path)):
+                with frozen_engine(self.cfg, self.ds_config, str(model)) as frozen:
+                    scored[label] = score_model(frozen, self.prompt_sets, self.tokenizer,
+                                                self.cfg.eval.micro_batch_size)
+            else:
+                scored[label] = score_model(model, self.prompt_sets, self.tokenizer, self.cfg.eval.micro_batch_size)
             if E.is_main():
-                log.info("VerbMem %s: %.4f over %d prompts", label, scored["verbmem"], scored["num_prompts"])
-        return out
+                log.info("generation %s: %s", label,
+                         ", ".join(f"{k} {v:.4f}" for k, v in scored[label]["scores"].items()))
+        generated = {label: r["generated"] for label, r in scored.items()}
+        return {**describe_sets(self.prompt_sets, self.cfg, REPORT if self.parts else None),
+                "scores": {label: r["scores"] for label, r in scored.items()},
+                "per_prompt": {label: r["per_prompt"] for label, r in scored.items()},
+                "samples": samples(self.prompt_sets, generated, self.tokenizer),
+                "generated": generated}
 
     def unjudged_refusal(self) -> Optional[str]:
         """Why the run must not take a step, or None: the stop rule is on and the evaluation before unlearning
@@ -484,7 +491,18 @@ class Evaluator:
                     (("before", self.before), ("after", after["result"]), ("retrained", self.retrained),
                      ("original", self.original))}
         shown = {name: compact(r) if r else None for name, r in reported.items()}
-        shown["after"].update({k: after["result"][k] for k in ("judgement", "selection")})
+        extra = dict(extra or {})
+        generation = extra.pop("generation", None)
+        generated = generation.pop("generated") if generation else None
+        if generation:
+            self.logger.scalars(state.step, {f"generation/{label}/{key}": v for label, scores in
+                                             generation["scores"].items() for key, v in scores.items()})
+        judgement = after["result"]["judgement"]
+        reference = verbatim_reference(generation["per_prompt"]) if generation and not self.standalone else None
+        if reference is not None:
+            judgement = with_verbatim_criterion(judgement, reference[0], reference[1], reference[2],
+                                                verbmem_band(reference[1], reference[2]))
+        shown["after"].update({"judgement": judgement, "selection": after["result"]["selection"]})
         metrics = {
             "schema_version": SCHEMA_VERSION,
             "method": self.cfg.method.name,
@@ -494,8 +512,8 @@ class Evaluator:
             "exported_step": after["entry"]["step"],
             "stop_target": self.cfg.eval.stop_target,
             "memorisation_prefix": self.cfg.eval.memorisation_prefix,
-            "verdict": verdict_line(after["result"]["judgement"]),
-            "judgement": after["result"]["judgement"],
+            "verdict": verdict_line(judgement),
+            "judgement": judgement,
             "selection": selection(after["result"]),
             "distance_to_retraining": after["result"]["distance"],
             **shown,
@@ -506,9 +524,13 @@ class Evaluator:
             "history": self.history,
             "audits": None,
             "chain": None,
-            **(extra or {}),
+            "generation": generation,
+            **extra,
         }
         if E.is_main():
+            if generated is not None:  # every generated token id, by model and prompt set (the scores: metrics.json)
+                write_json_atomic(self.run_dir / "generations.json", {"sets": generation["sets"],
+                                                                      "generated": generated})
             write_json_atomic(self.run_dir / "metrics.json", metrics)
             from .report import write_report
             write_report(self.run_dir, metrics, reported["after"], reported["before"], reported["retrained"],
@@ -527,7 +549,8 @@ def run_eval(cfg: RunConfig, zero_path: str, model_dir: str, out_dir: str) -> di
     evaluator = Evaluator(p.cfg, frozen, p.tokenizer, RunLogger(out_dir, 0, 0, enabled=False), p.ds_config, out_dir,
                           p.eval_streams, track_best=False, standalone=True)
     evaluator.evaluate(0, label="model")
-    metrics = evaluator.finish(RunState(step=0))
+    generation = evaluator.generation({"model": frozen})
+    metrics = evaluator.finish(RunState(step=0), extra={"generation": generation} if generation else None)
     # Free the frozen engine now: its HfDeepSpeedConfig otherwise lingers in a reference cycle until the next garbage
     # collection, and while it lives transformers treats every model built in this process as ZeRO-3 (zero.Init even
     # inside torch.device("meta")): an in-process caller's next from_config would materialise the whole model.

@@ -15,6 +15,9 @@ An evaluation is judged on three criteria, each with a default the user can chan
    (over-unlearned; the "Streisand effect").
 3. **Utility kept**: retain and approximate loss at most ``eval.utility_tolerance`` (relative, default 3%) above the
    original model's (in a chain of removal requests, the chain's original, not the previous request's result).
+4. **No verbatim recitation** (the final verdict only, when generation is on: ``with_verbatim_criterion``): the
+   exported model's forget VerbMem within two standard errors (at least 0.05) of the twin's, else of the original's
+   VerbMem on the approximate set.
 
 Distance to retraining, as the field reports it (next to the AUCs, not part of the criteria):
 - PrivLeak (MUSE, Shi et al. 2024, arXiv:2407.06460): ``(AUC_unlearned - AUC_retrained) / AUC_retrained`` for the
@@ -180,6 +183,35 @@ def judge(result: dict, before: Optional[dict], twin: Optional[dict], *, stop_to
     return out
 
 
+def with_verbatim_criterion(judgement: dict, reference: str, forget: list, unseen_like: list, band: float) -> dict:
+    """The judgement with criterion 4, verbatim memorisation (checked once, at the end of a run: the generation it
+    needs is not repeated at every evaluation, so it never chooses the exported step): the exported model's forget
+    VerbMem (mean ROUGE-L F1 of ``forget``) within ``band`` of the unseen-like level (mean of ``unseen_like``: the
+    twin's forget VerbMem, else the original's on the approximate set). Above it the model still recites the text
+    (not yet forgotten); below it, it writes less of the forget text than of text it never saw (over-unlearned). A
+    judgement that cannot judge is returned unchanged."""
+    if judgement["status"] == CANNOT_JUDGE:
+        return judgement
+    out = {**judgement, "figures": dict(judgement["figures"]), "reasons": list(judgement["reasons"])}
+    now, level = sum(forget) / len(forget), sum(unseen_like) / len(unseen_like)
+    out["figures"].update(verbmem_forget=now, verbmem_unseen_like=level, verbmem_band=band,
+                          verbmem_reference=reference)
+    if abs(now - level) <= band:
+        return out
+    if now > level:
+        out["reasons"].append(f"VerbMem on forget {now:.3f} above {reference} {level:.3f} + band {band:.3f}: the "
+                              f"model still recites the forget text")
+        status = NOT_FORGOTTEN
+    else:
+        out["reasons"].append(f"VerbMem on forget {now:.3f} below {reference} {level:.3f} - band {band:.3f}: it "
+                              f"writes less of the forget text than of unseen text")
+        status = OVER_UNLEARNED
+    out["ok"] = False
+    out["distance"] = judgement["distance"] + abs(now - level) - band
+    out["status"] = OVER_UNLEARNED if OVER_UNLEARNED in (status, judgement["status"]) else status
+    return out
+
+
 def verdict_line(judgement: dict) -> str:
     """One line for the report and the console: the status and every reason behind it."""
     status, reasons = judgement["status"], judgement["reasons"]
@@ -190,5 +222,8 @@ def verdict_line(judgement: dict) -> str:
             parts.append(f"strongest attack {attack_name(f['strongest_attack'])} AUC {f['strongest_auc']:.3f} "
                          f"(unseen-like <= {f['unseen_like_high']:.3f})")
         parts += [f"{n} {100 * f[n + '_rise']:+.1f}%" for n in UTILITY_SPLITS if n + "_rise" in f]
+        if "verbmem_forget" in f:
+            parts.append(f"VerbMem {f['verbmem_forget']:.3f} (unseen-like {f['verbmem_unseen_like']:.3f} +- "
+                         f"{f['verbmem_band']:.3f})")
         return "forgotten: " + "; ".join(parts)
     return f"{status}: " + "; ".join(reasons)

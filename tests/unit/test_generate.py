@@ -72,3 +72,44 @@ def test_verbmem_is_one_on_the_models_own_continuation_and_rouge_otherwise(toy_m
     expected = rouge_l_f1([decode(o[prefix:]) for o in own], [decode(t[prefix:]) for t in truth])
     assert scored["per_prompt"] == pytest.approx(expected) and scored["verbmem"] < 1
     assert verbmem(model, [t[:prefix] for t in truth], tokenizer, prefix, new) is None  # nothing after the prompt
+
+
+def test_knowmem_prompt_and_first_line_answer_by_hand(toy_model):
+    from dsunlearn.eval.generate import first_line, knowmem, knowmem_prompt
+    assert knowmem_prompt("Who?", [("Q1", "A1"), ("Q2", "A2")]) == \
+        "Question: Q1\nAnswer: A1\n\nQuestion: Q2\nAnswer: A2\n\nQuestion: Who?\nAnswer: "
+    assert first_line("  w3 w4\nQuestion: next") == "w3 w4" and first_line("") == ""
+    model, tokenizer = toy_model
+    pairs = [("Which word follows w1?", "w2"), ("Which word follows w3 w4?", "w5 w6"), ("And w7?", "w8")]
+    scored = knowmem(model, pairs, tokenizer, examples=[("Which word follows w0?", "w1")], max_new_tokens=5)
+    # By hand: each prompt on its own through the plain greedy loop, cut at the first line break, ROUGE-L F1.
+    by_hand = []
+    for q, a in pairs:
+        ids = tokenizer(knowmem_prompt(q, [("Which word follows w0?", "w1")]))["input_ids"]
+        text = tokenizer.decode(greedy_by_hand(model, ids, 5, tokenizer.eos_token_id), skip_special_tokens=True)
+        by_hand.append(rouge_l_f1([first_line(text)], [a])[0])
+    assert scored["per_prompt"] == pytest.approx(by_hand) and scored["knowmem"] == pytest.approx(sum(by_hand) / 3)
+    assert knowmem(model, [], tokenizer) is None
+
+
+def test_verbatim_criterion_by_hand():
+    from dsunlearn.eval.memorisation import MIN_VERBMEM_BAND, verbatim_reference, verbmem_band
+    from dsunlearn.eval.verdict import FORGOTTEN, NOT_FORGOTTEN, OVER_UNLEARNED, with_verbatim_criterion
+    # Band: 2 sqrt(var(a)/n_a + var(b)/n_b) with sample variances; a = [0, 1, 0, 1]: var 1/3, /4 -> 1/12.
+    assert verbmem_band([0, 1, 0, 1], [0, 1, 0, 1]) == pytest.approx(2 * (1 / 12 + 1 / 12) ** 0.5)
+    assert verbmem_band([0.2] * 4, [0.1] * 4) == MIN_VERBMEM_BAND
+    forgotten = {"status": FORGOTTEN, "ok": True, "reasons": [], "distance": 0.0,
+                 "figures": {"forget_loss": 3.0, "target": 3.0}}
+    same = with_verbatim_criterion(forgotten, "the twin's forget VerbMem", [0.10, 0.12], [0.09, 0.11], 0.05)
+    assert same["ok"] and same["figures"]["verbmem_forget"] == pytest.approx(0.11)
+    recites = with_verbatim_criterion(forgotten, "the twin's forget VerbMem", [0.5, 0.7], [0.1, 0.1], 0.05)
+    assert recites["status"] == NOT_FORGOTTEN and not recites["ok"] and "VerbMem on forget 0.600 above" in \
+        recites["reasons"][0] and recites["distance"] == pytest.approx(0.6 - 0.1 - 0.05)
+    assert forgotten["ok"] and not forgotten["reasons"]  # the judgement it was given is not changed
+    silent = with_verbatim_criterion(forgotten, "x", [0.0, 0.0], [0.3, 0.3], 0.05)
+    assert silent["status"] == OVER_UNLEARNED and "below" in silent["reasons"][0]
+    # The reference: the twin's forget VerbMem, else the original's on the approximate set.
+    per = {"before": {"verbmem/approximate": [0.2]}, "after": {"verbmem/forget": [0.3]},
+           "retrained": {"verbmem/forget": [0.1]}}
+    assert verbatim_reference(per) == ("the twin's forget VerbMem", [0.3], [0.1])
+    assert verbatim_reference({**per, "retrained": None})[2] == [0.2]
