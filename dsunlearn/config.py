@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .cost import KNOWN_PRETRAINING
+from .muse import resolve_muse
 from .schedule import SCHEDULES
 
 
-class ConfigError(ValueError):
-    """A user-caused configuration problem. The CLI prints it on one line and exits with code 2."""
+from .errors import ConfigError  # noqa: F401  (raised everywhere as config.ConfigError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -457,10 +457,8 @@ def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig
     """Read the run-config JSON (or start from defaults when ``path`` is None), apply overrides, validate."""
     data = read_json_object(path, "run config") if path else {}
     data = apply_overrides(data, list(overrides))
+    data = resolve_muse(data)
     cfg = from_dict(RunConfig, data, where=path or "config")
-    if cfg.data.muse:
-        from .muse import resolve_muse
-        cfg = resolve_muse(cfg)
     validate(cfg)
     return cfg
 

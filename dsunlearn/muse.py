@@ -12,15 +12,14 @@ approximate; MUSE's Min-40% is reported next to ours.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, RunConfig
+from .errors import ConfigError
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 
-# run-config field -> (section, the MUSE files it is read from, in order of preference)
+# run-config field -> (the MUSE subset, its splits it is read from, in order of preference)
 FIELDS = {
     ("data", "forget"): ("raw", ("forget",)),
     ("data", "retain"): ("raw", ("retain1", "retain2")),
@@ -44,22 +43,28 @@ def find_split(folder: Path, names: tuple) -> Optional[Path]:
     return None
 
 
-def resolve_muse(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with every field of ``FIELDS`` read from ``data.muse``. A field the user also set is an error (one
-    owner per knob; the same file, as in a resolved config, is not a conflict); a folder without the forget or holdout split is an error naming what is missing."""
-    root = Path(cfg.data.muse)
+def resolve_muse(data: dict) -> dict:
+    """A run-config dict with every field of ``FIELDS`` read from ``data.muse`` (unchanged without it). A field the
+    user also set is an error (one owner per knob; the same file, as in a resolved config, is not a conflict); a
+    folder without the forget or holdout split is an error naming what is missing."""
+    muse = (data.get("data") or {}).get("muse") if isinstance(data.get("data"), dict) else None
+    if not muse:
+        return data
+    root = Path(muse)
     if not root.is_dir():
         raise ConfigError(f"data.muse: {root}: not a folder (expected a MUSE corpus: raw/, verbmem/, knowmem/)")
-    found = {}
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for (section, name), (subset, names) in FIELDS.items():
         path = find_split(root / subset, names)
         if path is None:
             if (section, name) in REQUIRED:
                 raise ConfigError(f"data.muse: {root}: no {subset}/{names[0]} (.json, .jsonl, .parquet or .txt)")
             continue
-        current = getattr(getattr(cfg, section), name)
-        if current and Path(current) != path:  # a resolved config (a resumed run) names the same file
+        values = out.setdefault(section, {})
+        if not isinstance(values, dict):
+            continue  # from_dict names the malformed section
+        current = values.get(name)
+        if current and Path(current) != path:
             raise ConfigError(f"{section}.{name}: set by data.muse ({path}); remove one of the two")
-        found.setdefault(section, {})[name] = str(path)
-    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)
-                                       for section, values in found.items()})
+        values[name] = str(path)
+    return out
