@@ -45,11 +45,14 @@ demo: install
 	  then apt-get update -qq || true; fi
 	$(PY) -m dsunlearn demo
 
+# The unit tests are one process each (OMP_NUM_THREADS=1): two at a time, one per core, whole files per worker so that
+# module fixtures are built once. The distributed tests start 2 ranks each: one at a time. Both parts always run.
 test: mpi
-	$(PY) -m pytest -q tests/unit tests/dist tests/gpu
+	@rc=0; $(PY) -m pytest -q -n 2 --dist loadfile tests/unit || rc=1; \
+	  $(PY) -m pytest -q tests/dist tests/gpu || rc=1; exit $$rc
 
 test-unit: install
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -n 2 --dist loadfile tests/unit
 
 test-dist: mpi
 	$(PY) -m pytest -q tests/dist

@@ -28,7 +28,7 @@ setup(
         "rouge-score>=0.1.2",  # VerbMem's ROUGE-L (dsunlearn/eval/generate.py), the package MUSE scores with
     ],
     extras_require={
-        "dev": ["pytest>=8", "gguf>=0.10", "peft>=0.13"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "gguf>=0.10", "peft>=0.13"],
         "lora": ["peft>=0.13"],  # LoRA unlearning (adapter.rank > 0; dsunlearn/adapter.py)
         "mpi": ["mpi4py>=3.1"],
         "gguf": ["gguf>=0.10"],

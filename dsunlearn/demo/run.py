@@ -68,6 +68,18 @@ def demo_attack_rows(metrics: dict) -> list[tuple[str, list[str]]]:
     return [("LOSS-attack AUC", loss), ("strongest attack", names), ("  its AUC", aucs), ("PrivLeak", leak)]
 
 
+def demo_memorisation_rows(metrics: dict) -> list[tuple[str, list[str]]]:
+    """Forget-set VerbMem (generated) and exact memorisation / extraction strength (teacher-forced), per model."""
+    labels = ("before", "after", "retrained")
+    scores = (metrics.get("generation") or {}).get("scores", {})
+    rows = [("VerbMem forget", [f"{scores[k]['verbmem/forget']:.3f}" if "verbmem/forget" in scores.get(k, {})
+                                else "-" for k in labels])]
+    for key, name in (("exact_memorisation", "exact mem."), ("extraction_strength", "extraction")):
+        values = [((metrics.get(k) or {}).get("splits", {}).get("forget") or {}).get(key) for k in labels]
+        rows.append((f"{name} forget", [f"{v:.3f}" if v is not None else "-" for v in values]))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsunlearn demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", default=".cache/demo_world", help="demo world cache")
@@ -96,7 +108,7 @@ def main(argv=None) -> int:
             row = [metrics[k]["splits"][split]["loss"] if metrics.get(k) else float("nan")
                    for k in ("before", "after", "retrained")]
             print(f"{split:<16}{row[0]:>9.3f}{row[1]:>9.3f}{row[2]:>11.3f}")
-        for label, row in demo_attack_rows(metrics):
+        for label, row in demo_attack_rows(metrics) + demo_memorisation_rows(metrics):
             print(f"{label:<16}" + "".join(f"{v:>{w}}" for v, w in zip(row, (9, 9, 11))))
         print(f"steps: {metrics['steps']} ({metrics['stop_reason'] or 'all planned steps'})")
         print(f"verdict: {metrics['verdict']}")
