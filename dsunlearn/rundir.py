@@ -50,11 +50,14 @@ def prepare_run_dir(run_dir: str, overwrite: bool, resume: bool) -> None:
 
 def claim_run_dir(run_dir: str, overwrite: bool, resume: bool) -> None:
     """Rank 0 checks (and prepares) the run directory; every rank learns the verdict, so a refusal exits everywhere
-    with code 2."""
+    with code 2. A resume on another number of ranks is refused here, before anything in the directory is
+    rewritten."""
     error = None
     if E.is_main():
         try:
             prepare_run_dir(run_dir, overwrite, resume)
+            if resume:
+                check_resume_world_size(run_dir)
         except ConfigError as e:
             error = str(e)
     error = E.broadcast_object(error)
@@ -144,8 +147,8 @@ def has_checkpoint(run_dir: str) -> bool:
     return (Path(run_dir) / "checkpoints" / "latest.json").is_file()
 
 
-def load_latest_checkpoint(engine, run_dir: str) -> int:
-    ckpt_dir = Path(run_dir) / "checkpoints"
+def check_world_size(ckpt_dir: Path, run_dir: str) -> dict:
+    """``ckpt_dir``'s ``latest.json``, or a ConfigError when it was written by another number of ranks."""
     latest = json.loads((ckpt_dir / "latest.json").read_text())
     if latest["world_size"] != E.world_size():
         raise ConfigError(
@@ -153,6 +156,19 @@ def load_latest_checkpoint(engine, run_dir: str) -> int:
             f"{E.world_size()}. ZeRO checkpoints are tied to the world size: resume with {latest['world_size']} ranks, "
             f"or consolidate with `python {ckpt_dir}/zero_to_fp32.py {ckpt_dir} OUT --tag {latest['tag']} "
             f"--safe_serialization` and start a new run from OUT")
+    return latest
+
+
+def check_resume_world_size(run_dir: str) -> None:
+    """--resume, before anything in the run dir is rewritten: every checkpoint of the run (its own and its phases')
+    was written by this many ranks, else the ConfigError that says how to convert."""
+    for latest in sorted(Path(run_dir).glob("**/checkpoints/latest.json")):
+        check_world_size(latest.parent, run_dir)
+
+
+def load_latest_checkpoint(engine, run_dir: str) -> int:
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    latest = check_world_size(ckpt_dir, run_dir)
     _, client = engine.load_checkpoint(str(ckpt_dir), tag=latest["tag"])
     return int(client["step"])
 

@@ -72,11 +72,11 @@ def demo_memorisation_rows(metrics: dict) -> list[tuple[str, list[str]]]:
     """Forget-set VerbMem (generated) and exact memorisation / extraction strength (teacher-forced), per model."""
     labels = ("before", "after", "retrained")
     scores = (metrics.get("generation") or {}).get("scores", {})
-    rows = [("VerbMem forget", [f"{scores[k]['verbmem/forget']:.3f}" if "verbmem/forget" in scores.get(k, {})
+    rows = [("forget VerbMem", [f"{scores[k]['verbmem/forget']:.3f}" if "verbmem/forget" in scores.get(k, {})
                                 else "-" for k in labels])]
-    for key, name in (("exact_memorisation", "exact mem."), ("extraction_strength", "extraction")):
+    for key, name in (("exact_memorisation", "  exact mem."), ("extraction_strength", "  extraction")):
         values = [((metrics.get(k) or {}).get("splits", {}).get("forget") or {}).get(key) for k in labels]
-        rows.append((f"{name} forget", [f"{v:.3f}" if v is not None else "-" for v in values]))
+        rows.append((name, [f"{v:.3f}" if v is not None else "-" for v in values]))
     return rows
 
 

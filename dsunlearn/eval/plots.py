@@ -169,6 +169,7 @@ def plot_memorisation(columns: Mapping[str, Optional[Mapping]], generation: Opti
               if any(v is not None for values in series.values() for v in values)]
     if not panels:
         return None
+    top = max(v for _, series in panels for values in series.values() for v in values if v is not None)
     fig, axes = _figure(len(panels))
     names = {"before": "original", "after": "unlearned", "retrained": "twin", "model": "model"}
     for ax, (title, series) in zip(axes, panels):
@@ -177,7 +178,7 @@ def plot_memorisation(columns: Mapping[str, Optional[Mapping]], generation: Opti
             x = np.arange(len(splits)) + i * width
             ax.bar(x, [np.nan if v is None else v for v in values], width, label=names.get(state, state))
         ax.set_xticks(np.arange(len(splits)) + 0.4 - width / 2, splits)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, min(1.0, max(0.3, 1.25 * top)))  # small scores stay readable; 1 = verbatim
         ax.set_title(title)
         ax.legend(fontsize="small")
     return _save(fig, path)

@@ -49,13 +49,13 @@ def runs(toy_world, tmp_path_factory):
     out = {}
     one = write_run_config(root / "one.json", toy_world, root / "one",
                            train={"micro_batch_size": 4, "num_steps": NUM_STEPS, "lr": 5e-3},
-                           eval={"generation_prompts": 16, "verbmem_tokens": 24})
+                           eval={"generation_prompts": 12, "verbmem_tokens": 16})
     p = run_cli(["unlearn", "--config", str(one), "--zero", CPU_ZERO3])
     assert p.returncode == 0, p.stderr[-3000:]
     out["one"] = root / "one"
     two = write_run_config(root / "two.json", toy_world, root / "two",
                            train={"micro_batch_size": 2, "num_steps": NUM_STEPS, "lr": 5e-3},
-                           eval={"generation_prompts": 16, "verbmem_tokens": 24})
+                           eval={"generation_prompts": 12, "verbmem_tokens": 16})
     p = run_cli(["unlearn", "--config", str(two), "--zero", CPU_ZERO3],
                 launcher=deepspeed_launcher(2))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -193,9 +193,9 @@ def test_run_writes_report_and_metrics(runs):
 
 
 def test_generation_two_ranks_match_one_rank_and_plain_decoding(runs, toy_world):
-    """Generation at the end of the run (16 prompts per split in batches of 4 (eval.micro_batch_size), dealt to 2
-    ranks under ZeRO-3, synced decoding) writes 1 rank's token ids, and those of a plain transformers
-    ``model.generate`` of each directory, one prompt at a time, on one process."""
+    """Generation at the end of the run (12 prompts per split in 3 batches of 4 (eval.micro_batch_size), dealt to 2
+    ranks under ZeRO-3: rank 1 runs out of batches first and steps along, synced) writes 1 rank's token ids, and
+    those of a plain transformers ``model.generate`` of each directory, one prompt at a time, on one process."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from dsunlearn.data import load_documents, tokenize_and_chunk
@@ -203,13 +203,13 @@ def test_generation_two_ranks_match_one_rank_and_plain_decoding(runs, toy_world)
     two = json.loads((runs["two"] / "generations.json").read_text())
     metrics = json.loads((runs["one"] / "metrics.json").read_text())["generation"]
     assert set(one["generated"]) == {"before", "after"}  # no twin in this run
-    assert one["sets"]["verbmem/forget"]["num_prompts"] == 16 and set(one["sets"]) == {
+    assert one["sets"]["verbmem/forget"]["num_prompts"] == 12 and set(one["sets"]) == {
         "verbmem/forget", "verbmem/approximate", "verbmem/retain"}
     assert two["generated"] == one["generated"]
     tokenizer = AutoTokenizer.from_pretrained(toy_world["model"])
     prefix, new = metrics["prefix"], metrics["verbmem_tokens"]
     chunks, _ = tokenize_and_chunk(load_documents(toy_world["forget"]), tokenizer, 64)
-    chunks = [list(c) for c in chunks["input_ids"] if len(c) > prefix][:16]
+    chunks = [list(c) for c in chunks["input_ids"] if len(c) > prefix][:12]
     for label, path in (("before", toy_world["model"]), ("after", runs["one"] / "model")):
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         for chunk, ids in zip(chunks, one["generated"][label]["verbmem/forget"]):
