@@ -28,6 +28,7 @@ def _targets():
     return {"final checkpoint": (finish, "save_checkpoint"), "cost": (loop, "plan_cost"),
             "final evaluation": (Evaluator, "conclude"), "export": (engine, "export_hf_model"),
             "chain record": (chain, "record_result"), "audits": (loop, "run_audits"),
+            "generated memorisation metrics": (Evaluator, "generation"),
             "evaluation report": (Evaluator, "finish"), "write": (engine, "replace_dir")}
 
 

@@ -15,7 +15,8 @@ from helpers import CPU_ZERO3, REPO, deepspeed_launcher, launch_env, write_run_c
 # collective part stops the collective parts after it, a failed part of one rank alone (cost) stops nothing)
 CASES = {
     "final checkpoint@1": False, "cost@1": True, "final evaluation@1": False, "export@1": True,
-    "write@0": False, "chain record@1": True, "audits@1": True, "evaluation report@1": True,
+    "write@0": False, "chain record@1": True, "audits@1": True, "generated memorisation metrics@1": True,
+    "evaluation report@1": True,
 }
 
 
@@ -25,7 +26,8 @@ def outcomes(toy_world, tmp_path_factory):
     args = []
     for i, case in enumerate(CASES):
         extra = {"eval": {"audits": ["quantize"]}, "audit": {"quantize_bits": [8]}} if case.startswith("audits") \
-            else {}
+            else {"eval": {"generation_prompts": 2, "verbmem_tokens": 4, "splits": ["forget", "approximate"]}} \
+            if case.startswith("generated") else {}
         cfg = write_run_config(root / f"c{i}.json", toy_world, root / f"run{i}",
                                train={"num_steps": 2}, eval={"max_chunks": 8, **extra.get("eval", {})},
                                **{k: v for k, v in extra.items() if k != "eval"})
@@ -61,6 +63,8 @@ def test_a_failure_on_one_rank_stops_every_rank_and_keeps_what_exists(outcomes, 
         assert json.loads((run_dir / "chain.json").read_text())["requests"][-1]["result_model"]["sha256"]
     if case.startswith("audits"):  # rank 0's audits finished before rank 1 failed: kept
         assert metrics["audits"]["quantize"] is not None
+    if case.startswith("generated"):  # likewise rank 0's generation, decoded together before rank 1 failed
+        assert set(metrics["generation"]["scores"]) == {"before", "after"}
 
 
 def test_a_corrupt_chain_is_one_line_and_exit_2_on_every_rank(toy_world, tmp_path):
