@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from twin_table import GOAL, _f, point_row  # noqa: E402
+from twin_table import GOAL, _f, finish_pareto, point_row  # noqa: E402
 
 
 def relearn(run_dir: Path) -> str:
@@ -66,19 +66,8 @@ def main() -> None:
             if math.isfinite(r["retain"]):
                 ax.scatter(r["retain"], r["auc_gap"], s=80, marker=markers[r["pair"]], color=colours[r["method"]],
                            edgecolor="black", label=f"{r['method']} ({r['pair']})")
-        ax.scatter([0], [0], s=160, marker="*", color="gold", edgecolor="black", zorder=5, label="retrained twin")
-        ax.add_patch(plt.Rectangle((-GOAL["retain"], -GOAL["auc"]), 2 * GOAL["retain"], 2 * GOAL["auc"],
-                                   fill=False, linestyle="--", edgecolor="green", label="goal (retain ±3%, AUC ±0.05)"))
-        ax.set_xlabel("retain loss vs the twin's (%): the utility paid")
-        ax.set_ylabel("strongest-attack AUC − the twin's strongest")
-        ax.set_title("Methods in phases and SimNPO, shipped configs, against the twin")
-        ax.axhline(0, color="grey", linewidth=0.5)
-        ax.axvline(0, color="grey", linewidth=0.5)
-        ax.legend(fontsize=6, ncol=2, loc="lower right")
-        fig.tight_layout()
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=110)
-        print(f"\nplot: {args.plot}")
+        finish_pareto(fig, ax, args.plot, title="Methods in phases and SimNPO, shipped configs, against the twin",
+                      ylabel="strongest-attack AUC − the twin's strongest", legend_loc="lower right")
 
 
 if __name__ == "__main__":

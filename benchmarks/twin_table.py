@@ -79,6 +79,25 @@ def _f(x, digits=1, sign=True) -> str:
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
+def finish_pareto(fig, ax, path: str, *, title: str, ylabel: str, legend_loc: str) -> None:
+    """The frame every retain-vs-AUC plot shares: the twin at the origin, the goal's box, the axes, the legend, the
+    PNG at ``path``."""
+    import matplotlib.pyplot as plt
+    ax.scatter([0], [0], s=160, marker="*", color="gold", edgecolor="black", zorder=5, label="retrained twin")
+    ax.add_patch(plt.Rectangle((-GOAL["retain"], -GOAL["auc"]), 2 * GOAL["retain"], 2 * GOAL["auc"],
+                               fill=False, linestyle="--", edgecolor="green", label="goal (retain ±3%, AUC ±0.05)"))
+    ax.set_xlabel("retain loss vs the twin's (%): the utility paid")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.axvline(0, color="grey", linewidth=0.5)
+    ax.legend(fontsize=6, ncol=2, loc=legend_loc)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"\nplot: {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="append", required=True, help="a `dsunlearn sweep --out` directory")
@@ -124,19 +143,9 @@ def main() -> None:
                 if math.isfinite(r["retain"]):
                     ax.scatter(r["retain"], r["auc_gap"], s=70, marker=mk, color=colours[m], edgecolor="black",
                                label=f"{m} ({label})")
-        ax.scatter([0], [0], s=160, marker="*", color="gold", edgecolor="black", zorder=5, label="retrained twin")
-        ax.add_patch(plt.Rectangle((-GOAL["retain"], -GOAL["auc"]), 2 * GOAL["retain"], 2 * GOAL["auc"],
-                                   fill=False, linestyle="--", edgecolor="green", label="goal (retain ±3%, AUC ±0.05)"))
-        ax.set_xlabel("retain loss vs the twin's (%): the utility paid")
-        ax.set_ylabel("strongest-attack AUC − the twin's strongest: what an attacker still sees")
-        ax.set_title("Distance to retraining: every sweep point (faded), each method's best (bold)")
-        ax.axhline(0, color="grey", linewidth=0.5)
-        ax.axvline(0, color="grey", linewidth=0.5)
-        ax.legend(fontsize=6, ncol=2, loc="upper right")
-        fig.tight_layout()
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=110)
-        print(f"\nplot: {args.plot}")
+        finish_pareto(fig, ax, args.plot, title="Distance to retraining: every sweep point (faded), each method's "
+                      "best (bold)", ylabel="strongest-attack AUC − the twin's strongest: what an attacker still sees",
+                      legend_loc="upper right")
 
 
 if __name__ == "__main__":
