@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .cost import KNOWN_PRETRAINING
+from .errors import ConfigError  # noqa: F401  (raised everywhere as config.ConfigError)
 from .muse import resolve_muse
 from .schedule import SCHEDULES
-
-
-from .errors import ConfigError  # noqa: F401  (raised everywhere as config.ConfigError)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -101,7 +101,7 @@ def finish_run(run, state, num_steps: int, exit_code: int, logger, evaluator, st
                                                            E.adapter_dir(cfg)))
     if chain is not None:
         chain = parts.together("chain record", lambda: C.record_result(cfg, str(run_dir))) or chain
-    def release_run_engines():  # the audits and VerbMem load models of their own: free the run's first
+    def release_run_engines():  # the audits and generation load models of their own: free the run's first
         run.engine = run.reference = None
         if evaluator is not None:
             evaluator.engine = None

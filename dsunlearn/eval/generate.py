@@ -7,8 +7,9 @@ left padding and an attention mask (positions follow the mask, as ``generate`` c
 EOS. Under ZeRO-3 every forward is collective, so ``synced_gpus`` keeps the ranks stepping together until every rank's
 batch is done, and a rank with fewer batches decodes its first batch again and drops the result.
 
-``verbmem`` is MUSE's VerbMem (Shi et al. 2024, arXiv 2407.06460): the ROUGE-L F1 of the greedy continuation of a
-prompt against the true continuation (``rouge-score``, no stemmer, as MUSE; open-unlearning turns the stemmer on).
+``scored_generations`` scores what comes out by ROUGE-L F1 against the truth (``rouge-score``, no stemmer, as MUSE;
+open-unlearning turns the stemmer on): MUSE's VerbMem and KnowMem (Shi et al. 2024, arXiv 2407.06460), whose prompt
+sets ``eval/memorisation.py`` builds.
 """
 from __future__ import annotations
 
@@ -102,22 +103,6 @@ def scored_generations(model, prompts: Sequence[Sequence[int]], truths: Sequence
             "generated": generated}
 
 
-def verbmem(model, chunks: Sequence[Sequence[int]], tokenizer, prefix: int, max_new_tokens: int,
-            batch_size: int = 16) -> Optional[dict]:
-    """MUSE's VerbMem over chunks: prompt = a chunk's first ``prefix`` tokens, truth = the next tokens (at most
-    ``max_new_tokens``; a shorter chunk's generation is cut to its continuation's length in tokens), greedy decode,
-    ROUGE-L F1. ``scored_generations``' dict with the score also under ``"verbmem"``; None when no chunk is longer
-    than ``prefix``."""
-    usable = [list(c) for c in chunks if len(c) > prefix]
-    if not usable:
-        return None
-    truth = [c[prefix:prefix + max_new_tokens] for c in usable]
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    out = scored_generations(model, [c[:prefix] for c in usable], [decode(t) for t in truth], tokenizer,
-                             [len(t) for t in truth], batch_size)
-    return {"verbmem": out["score"], **out}
-
-
 QA_TEMPLATE = "Question: {question}\nAnswer: "
 """KnowMem's prompt per question, after the in-context examples (each ``QA_TEMPLATE`` + answer + a blank line), as
 MUSE writes it."""
@@ -131,16 +116,3 @@ def knowmem_prompt(question: str, examples: Sequence[tuple[str, str]] = ()) -> s
 def first_line(text: str) -> str:
     """The answer a model gives to a ``QA_TEMPLATE`` prompt: its text up to the first line break, stripped."""
     return text.split("\n", 1)[0].strip()
-
-
-def knowmem(model, pairs: Sequence[tuple[str, str]], tokenizer, examples: Sequence[tuple[str, str]] = (),
-            max_new_tokens: int = 32, batch_size: int = 16) -> Optional[dict]:
-    """KnowMem (MUSE): each question, after the in-context ``examples``, answered greedily (at most
-    ``max_new_tokens``, up to the first line break), ROUGE-L F1 against the true answer. ``scored_generations``'
-    dict with the score also under ``"knowmem"``; None without pairs."""
-    if not pairs:
-        return None
-    prompts = [tokenizer(knowmem_prompt(q, examples), add_special_tokens=True)["input_ids"] for q, _ in pairs]
-    out = scored_generations(model, prompts, [a for _, a in pairs], tokenizer, max_new_tokens, batch_size,
-                             cut=first_line)
-    return {"knowmem": out["score"], **out}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,7 +23,6 @@ from ..config import ConfigError, RunConfig
 from .generate import first_line, knowmem_prompt, scored_generations
 
 VERBMEM_SPLITS = ("forget", "approximate", "retain")
-KNOWMEM_SIDES = ("forget", "retain")
 MIN_VERBMEM_BAND = 0.05
 SAMPLES_SHOWN = 5
 
@@ -39,7 +38,6 @@ class PromptSet:
     truth_ids: Optional[list] = None  # the true continuation's token ids (chunk VerbMem: the report's samples)
     examples: int = 0      # KnowMem: in-context examples before each question
     cut_first_line: bool = False
-    questions: list = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -53,8 +51,7 @@ def read_pairs(path: str, fields: tuple[str, str]) -> list[tuple[str, str]]:
         raise ConfigError(f"{path}: file not found")
     if p.suffix == ".parquet":
         import datasets
-        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
-        rows = [dict(zip(ds.column_names, r)) for r in zip(*(ds[c] for c in ds.column_names))]
+        rows = datasets.load_dataset("parquet", data_files=str(p), split="train").to_list()
     else:
         text = p.read_text(encoding="utf-8")
         try:
@@ -85,6 +82,29 @@ def icl_file(path: str) -> Optional[Path]:
     return None
 
 
+def chunk_verbmem_set(split: str, chunks: Sequence[Sequence[int]], tokenizer, prefix: int,
+                      max_new_tokens: int) -> Optional[PromptSet]:
+    """VerbMem on chunks: prompt = a chunk's first ``prefix`` tokens, truth = the next tokens (at most
+    ``max_new_tokens``; a shorter chunk's generation is cut to its continuation's length). Chunks no longer than the
+    prefix are left out; None when none is left."""
+    chunks = [list(c) for c in chunks if len(c) > prefix]
+    if not chunks:
+        return None
+    truth_ids = [c[prefix:prefix + max_new_tokens] for c in chunks]
+    return PromptSet("verbmem", split, [c[:prefix] for c in chunks],
+                     [tokenizer.decode(t, skip_special_tokens=True) for t in truth_ids], [len(t) for t in truth_ids],
+                     "chunks", truth_ids=truth_ids)
+
+
+def knowmem_set(side: str, pairs: Sequence[tuple[str, str]], tokenizer, examples: Sequence[tuple[str, str]],
+                max_new_tokens: int, source: str) -> PromptSet:
+    """KnowMem: each question after the in-context ``examples`` (``generate.knowmem_prompt``), answered in at most
+    ``max_new_tokens`` and cut at its first line break, scored against its answer."""
+    return PromptSet("knowmem", side, [tokenizer(knowmem_prompt(q, examples))["input_ids"] for q, _ in pairs],
+                     [a for _, a in pairs], [max_new_tokens] * len(pairs), source, examples=len(examples),
+                     cut_first_line=True)
+
+
 def prompt_sets(cfg: RunConfig, splits: dict, rows_of, tokenizer) -> list[PromptSet]:
     """Every prompt set of the run (empty when ``eval.generation_prompts`` is 0). ``rows_of(split)``: the chunk
     indices of a split to take prompts from (the report part, or all); ``splits``: ``runner.EvalSplit`` by name."""
@@ -102,22 +122,16 @@ def prompt_sets(cfg: RunConfig, splits: dict, rows_of, tokenizer) -> list[Prompt
         split = splits.get(name)
         if split is None or not e.memorisation_prefix:
             continue
-        chunks = [split.input_ids[i] for i in rows_of(name) if len(split.input_ids[i]) > e.memorisation_prefix][:n]
-        if not chunks:
-            continue
-        truth_ids = [c[e.memorisation_prefix:e.memorisation_prefix + e.verbmem_tokens] for c in chunks]
-        sets.append(PromptSet("verbmem", name, [c[:e.memorisation_prefix] for c in chunks],
-                              [tokenizer.decode(t, skip_special_tokens=True) for t in truth_ids],
-                              [len(t) for t in truth_ids], "chunks", truth_ids=truth_ids))
+        usable = [split.input_ids[i] for i in rows_of(name) if len(split.input_ids[i]) > e.memorisation_prefix][:n]
+        found = chunk_verbmem_set(name, usable, tokenizer, e.memorisation_prefix, e.verbmem_tokens)
+        if found is not None:
+            sets.append(found)
     for side, path in (("forget", e.knowmem_forget), ("retain", e.knowmem_retain)):
         if not path:
             continue
-        pairs = read_pairs(path, ("question", "answer"))[:n]
         icl = icl_file(path)
-        examples = read_pairs(str(icl), ("question", "answer")) if icl else []
-        sets.append(PromptSet("knowmem", side, [tokenizer(knowmem_prompt(q, examples))["input_ids"] for q, _ in pairs],
-                              [a for _, a in pairs], [e.knowmem_tokens] * len(pairs), path,
-                              examples=len(examples), cut_first_line=True, questions=[q for q, _ in pairs]))
+        sets.append(knowmem_set(side, read_pairs(path, ("question", "answer"))[:n], tokenizer,
+                                read_pairs(str(icl), ("question", "answer")) if icl else [], e.knowmem_tokens, path))
     return sets
 
 
@@ -129,13 +143,18 @@ def describe_sets(sets: Sequence[PromptSet], cfg: RunConfig, part: Optional[str]
                              **({"examples": s.examples} if s.metric == "knowmem" else {})} for s in sets}}
 
 
+def score_set(model, s: PromptSet, tokenizer, batch_size: int = 16) -> dict:
+    """One model on one prompt set: ``generate.scored_generations``' dict (``score``, ``per_prompt``, ...)."""
+    return scored_generations(model, s.prompts, s.truths, tokenizer, s.max_new_tokens, batch_size,
+                              cut=first_line if s.cut_first_line else None)
+
+
 def score_model(model, sets: Sequence[PromptSet], tokenizer, batch_size: int) -> dict:
     """One model on every prompt set: ``{"scores": {key: mean F1}, "per_prompt": {key: [F1]}, "generated": {key:
     [ids]}}``. Call it on every rank (the decoding is collective under ZeRO-3)."""
     out = {"scores": {}, "per_prompt": {}, "generated": {}}
     for s in sets:
-        scored = scored_generations(model, s.prompts, s.truths, tokenizer, s.max_new_tokens, batch_size,
-                                    cut=first_line if s.cut_first_line else None)
+        scored = score_set(model, s, tokenizer, batch_size)
         out["scores"][s.key] = scored["score"]
         out["per_prompt"][s.key] = scored["per_prompt"]
         out["generated"][s.key] = scored["generated"]

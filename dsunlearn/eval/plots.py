@@ -10,6 +10,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
+STATE_NAMES = {"before": "original", "after": "unlearned", "retrained": "twin", "model": "model"}
+"""How the memorisation tables and plots name each model state."""
+
+
 def _figure(ncols: int = 1) -> tuple[Figure, list]:
     fig = Figure(figsize=(5.5 * ncols, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -171,12 +175,11 @@ def plot_memorisation(columns: Mapping[str, Optional[Mapping]], generation: Opti
         return None
     top = max(v for _, series in panels for values in series.values() for v in values if v is not None)
     fig, axes = _figure(len(panels))
-    names = {"before": "original", "after": "unlearned", "retrained": "twin", "model": "model"}
     for ax, (title, series) in zip(axes, panels):
         width = 0.8 / max(1, len(series))
         for i, (state, values) in enumerate(series.items()):
             x = np.arange(len(splits)) + i * width
-            ax.bar(x, [np.nan if v is None else v for v in values], width, label=names.get(state, state))
+            ax.bar(x, [np.nan if v is None else v for v in values], width, label=STATE_NAMES.get(state, state))
         ax.set_xticks(np.arange(len(splits)) + 0.4 - width / 2, splits)
         ax.set_ylim(0, min(1.0, max(0.3, 1.25 * top)))  # small scores stay readable; 1 = verbatim
         ax.set_title(title)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .plots import (plot_loss_histograms, plot_memorisation, plot_relearning, plot_roc,
+from .plots import (STATE_NAMES, plot_loss_histograms, plot_memorisation, plot_relearning, plot_roc,
                     plot_split_losses_over_steps)
 
 ROC_ATTACKS = ("loss", "zlib", "min_k_20", "min_k_pp_20", "ref")
@@ -60,7 +60,6 @@ def memorisation_table(columns: dict[str, Optional[dict]]) -> list[str]:
 GENERATED_ROWS = (("verbmem/forget", "VerbMem, forget"), ("verbmem/approximate", "VerbMem, approximate"),
                   ("verbmem/retain", "VerbMem, retain"), ("knowmem/forget", "KnowMem, forget"),
                   ("knowmem/retain", "KnowMem, retain"))
-STATE_NAMES = {"before": "original", "after": "unlearned", "retrained": "twin", "model": "model"}
 
 
 def generation_lines(generation: Optional[dict]) -> list[str]:
@@ -173,6 +172,20 @@ def parts_lines(parts: Optional[dict]) -> list[str]:
             f"eval.selection_fraction={parts['fraction']}"]
 
 
+def memorisation_section(metrics: dict, columns: dict[str, Optional[dict]]) -> list[str]:
+    """The report's "Verbatim memorisation" section: teacher-forced table, generated table, MUSE's criteria, the
+    forget prefixes side by side; nothing when neither kind was measured."""
+    teacher_forced, generated = memorisation_table(columns), generation_lines(metrics.get("generation"))
+    if not teacher_forced and not generated:
+        return []
+    return ["## Verbatim memorisation", "",
+            f"Teacher-forced: each chunk's first {metrics.get('memorisation_prefix')} tokens are the prompt; exact "
+            "memorisation = the share of the continuation's tokens the model's argmax predicts, extraction strength = "
+            "the share of the continuation's end it predicts without a miss (docs/evaluation.md).", "",
+            *teacher_forced, "", *generated, *muse_lines(metrics.get("generation"), columns),
+            *sample_lines(metrics.get("generation"))]
+
+
 def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], retrained: Optional[dict],
                  extra_sections: Optional[list[str]] = None, split_check: Optional[dict] = None) -> Path:
     run_dir = Path(run_dir)
@@ -225,13 +238,7 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
              "Forgotten means: forget loss at the target, no attack beyond the twin's level (or chance), retain and "
              "approximate loss within the utility tolerance (docs/evaluation.md).", "",
              *split_table(columns), *([f"{caveat.strip()}"] if caveat else []), "",
-             *(["## Verbatim memorisation", "",
-                f"Teacher-forced: each chunk's first {metrics.get('memorisation_prefix')} tokens are the prompt; "
-                "exact memorisation = the share of the continuation's tokens the model's argmax predicts, extraction "
-                "strength = the share of the continuation's end it predicts without a miss (docs/evaluation.md).",
-                "", *memorisation_table(columns), "", *generation_lines(metrics.get("generation")),
-                *muse_lines(metrics.get("generation"), columns), *sample_lines(metrics.get("generation"))]
-               if memorisation_table(columns) or generation_lines(metrics.get("generation")) else []),
+             *memorisation_section(metrics, columns),
              "## Membership inference (AUC 0.5 = indistinguishable; reported as is, never folded)", "",
              *mia_table(columns), *([f"{caveat.strip()}"] if caveat else []), ""]
     lines += earlier_requests_section(after, before, metrics.get("chain"))

@@ -448,12 +448,10 @@ class Evaluator:
         for label, model in models.items():
             if model is None:
                 continue
-            if isinstance(model, (str, Path)):
-                with frozen_engine(self.cfg, self.ds_config, str(model)) as frozen:
-                    scored[label] = score_model(frozen, self.prompt_sets, self.tokenizer,
-                                                self.cfg.eval.micro_batch_size)
-            else:
-                scored[label] = score_model(model, self.prompt_sets, self.tokenizer, self.cfg.eval.micro_batch_size)
+            loaded = frozen_engine(self.cfg, self.ds_config, str(model)) if isinstance(model, (str, Path)) \
+                else contextlib.nullcontext(model)
+            with loaded as engine:
+                scored[label] = score_model(engine, self.prompt_sets, self.tokenizer, self.cfg.eval.micro_batch_size)
             if E.is_main():
                 log.info("generation %s: %s", label,
                          ", ".join(f"{k} {v:.4f}" for k, v in scored[label]["scores"].items()))

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from dsunlearn.eval.generate import generated_tokens, greedy_continuations, left_padded, rouge_l_f1, verbmem
+from dsunlearn.eval.generate import generated_tokens, greedy_continuations, left_padded, rouge_l_f1
+from dsunlearn.eval.memorisation import chunk_verbmem_set, knowmem_set, score_set
 
 
 @pytest.fixture(scope="module")
@@ -62,34 +63,39 @@ def test_verbmem_is_one_on_the_models_own_continuation_and_rouge_otherwise(toy_m
     # ROUGE scores words: keep the continuations that decode to at least one (the tiny model also emits symbols).
     own = [o for o in own if any(c.isalnum() for c in decode(o[prefix:]))]
     assert len(own) >= 2
-    scored = verbmem(model, own, tokenizer, prefix, new)
-    assert scored["num_prompts"] == len(own) and scored["verbmem"] == pytest.approx(1.0)
+    scored = score_set(model, chunk_verbmem_set("forget", own, tokenizer, prefix, new), tokenizer)
+    assert scored["num_prompts"] == len(own) and scored["score"] == pytest.approx(1.0)
     # Other continuations (the toy world's text after the same prompts): the ROUGE-L F1 computed here.
     import json
     lines = [json.loads(line)["text"] for line in open(toy_world["forget"])][:len(own)]
     truth = [o[:prefix] + tokenizer(t)["input_ids"][:new] for o, t in zip(own, lines)]
-    scored = verbmem(model, truth, tokenizer, prefix, new)
+    scored = score_set(model, chunk_verbmem_set("forget", truth, tokenizer, prefix, new), tokenizer)
     expected = rouge_l_f1([decode(o[prefix:]) for o in own], [decode(t[prefix:]) for t in truth])
-    assert scored["per_prompt"] == pytest.approx(expected) and scored["verbmem"] < 1
-    assert verbmem(model, [t[:prefix] for t in truth], tokenizer, prefix, new) is None  # nothing after the prompt
+    assert scored["per_prompt"] == pytest.approx(expected) and scored["score"] < 1
+    assert chunk_verbmem_set("forget", [t[:prefix] for t in truth], tokenizer, prefix, new) is None  # nothing after
 
 
-def test_knowmem_prompt_and_first_line_answer_by_hand(toy_model):
-    from dsunlearn.eval.generate import first_line, knowmem, knowmem_prompt
+def test_knowmem_prompt_and_first_line_answer_by_hand(toy_model, tmp_path):
+    from dsunlearn.config import ConfigError
+    from dsunlearn.eval.generate import first_line, knowmem_prompt
+    from dsunlearn.eval.memorisation import read_pairs
     assert knowmem_prompt("Who?", [("Q1", "A1"), ("Q2", "A2")]) == \
         "Question: Q1\nAnswer: A1\n\nQuestion: Q2\nAnswer: A2\n\nQuestion: Who?\nAnswer: "
     assert first_line("  w3 w4\nQuestion: next") == "w3 w4" and first_line("") == ""
     model, tokenizer = toy_model
     pairs = [("Which word follows w1?", "w2"), ("Which word follows w3 w4?", "w5 w6"), ("And w7?", "w8")]
-    scored = knowmem(model, pairs, tokenizer, examples=[("Which word follows w0?", "w1")], max_new_tokens=5)
+    scored = score_set(model, knowmem_set("forget", pairs, tokenizer, [("Which word follows w0?", "w1")], 5, "here"),
+                       tokenizer)
     # By hand: each prompt on its own through the plain greedy loop, cut at the first line break, ROUGE-L F1.
     by_hand = []
     for q, a in pairs:
         ids = tokenizer(knowmem_prompt(q, [("Which word follows w0?", "w1")]))["input_ids"]
         text = tokenizer.decode(greedy_by_hand(model, ids, 5, tokenizer.eos_token_id), skip_special_tokens=True)
         by_hand.append(rouge_l_f1([first_line(text)], [a])[0])
-    assert scored["per_prompt"] == pytest.approx(by_hand) and scored["knowmem"] == pytest.approx(sum(by_hand) / 3)
-    assert knowmem(model, [], tokenizer) is None
+    assert scored["per_prompt"] == pytest.approx(by_hand) and scored["score"] == pytest.approx(sum(by_hand) / 3)
+    (tmp_path / "empty.json").write_text("[]")  # no questions: refused when the file is read, before any decoding
+    with pytest.raises(ConfigError, match="no entries"):
+        read_pairs(str(tmp_path / "empty.json"), ("question", "answer"))
 
 
 def test_verbatim_criterion_by_hand():

@@ -84,8 +84,8 @@ def test_muse_copy_end_to_end_eval_and_unlearn(muse, toy_world, tmp_path, capsys
     """``dsunlearn eval`` and ``unlearn`` on the MUSE copy: MUSE's four criteria in metrics.json and the report;
     the eval's KnowMem and VerbMem per prompt equal those of a plain transformers model (one process, no engine)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from dsunlearn.eval.generate import knowmem, rouge_l_f1
-    from dsunlearn.eval.memorisation import read_pairs
+    from dsunlearn.eval.generate import rouge_l_f1
+    from dsunlearn.eval.memorisation import knowmem_set, read_pairs, score_set
     cfg = muse_config(tmp_path / "run.json", toy_world, muse, tmp_path / "run")
     out = tmp_path / "scored"
     assert main(["eval", "--model", toy_world["model"], "--config", str(cfg), "--zero", CPU_ZERO3,
@@ -97,9 +97,9 @@ def test_muse_copy_end_to_end_eval_and_unlearn(muse, toy_world, tmp_path, capsys
     assert gen["sets"]["knowmem/retain"]["examples"] == 0 and "verbmem/approximate" in gen["sets"]
     model = AutoModelForCausalLM.from_pretrained(toy_world["model"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(toy_world["model"])
-    plain = knowmem(model, read_pairs(str(muse / "knowmem/forget_qa.json"), ("question", "answer")), tokenizer,
-                    examples=read_pairs(str(muse / "knowmem/forget_qa_icl.json"), ("question", "answer")),
-                    max_new_tokens=6)
+    plain = score_set(model, knowmem_set(
+        "forget", read_pairs(str(muse / "knowmem/forget_qa.json"), ("question", "answer")), tokenizer,
+        read_pairs(str(muse / "knowmem/forget_qa_icl.json"), ("question", "answer")), 6, "by hand"), tokenizer)
     assert gen["per_prompt"]["model"]["knowmem/forget"] == pytest.approx(plain["per_prompt"], abs=1e-12)
     generated = json.loads((out / "generations.json").read_text())["generated"]["model"]["verbmem/forget"]
     truths = [gt for _, gt in read_pairs(str(muse / "verbmem/forget.json"), ("prompt", "gt"))]
