@@ -47,15 +47,19 @@ def runs(toy_world, tmp_path_factory):
     """Global batch of 4 forget + 4 retain chunks: 1 rank x micro 4, and 2 ranks x micro 2."""
     root = tmp_path_factory.mktemp("dist_runs")
     out = {}
+    # KnowMem questions of uneven length, an odd number of them (batches of 4, 4 and 3): left padding across ranks.
+    words = open(toy_world["retain"]).read().split()
+    (root / "retain_qa.json").write_text(json.dumps(
+        [{"question": " ".join(words[i:i + 1 + 2 * i]), "answer": words[i + 2]} for i in range(11)]))
+    generation = {"generation_prompts": 12, "verbmem_tokens": 16, "knowmem_retain": str(root / "retain_qa.json"),
+                  "knowmem_tokens": 6}
     one = write_run_config(root / "one.json", toy_world, root / "one",
-                           train={"micro_batch_size": 4, "num_steps": NUM_STEPS, "lr": 5e-3},
-                           eval={"generation_prompts": 12, "verbmem_tokens": 16})
+                           train={"micro_batch_size": 4, "num_steps": NUM_STEPS, "lr": 5e-3}, eval=generation)
     p = run_cli(["unlearn", "--config", str(one), "--zero", CPU_ZERO3])
     assert p.returncode == 0, p.stderr[-3000:]
     out["one"] = root / "one"
     two = write_run_config(root / "two.json", toy_world, root / "two",
-                           train={"micro_batch_size": 2, "num_steps": NUM_STEPS, "lr": 5e-3},
-                           eval={"generation_prompts": 12, "verbmem_tokens": 16})
+                           train={"micro_batch_size": 2, "num_steps": NUM_STEPS, "lr": 5e-3}, eval=generation)
     p = run_cli(["unlearn", "--config", str(two), "--zero", CPU_ZERO3],
                 launcher=deepspeed_launcher(2))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -195,30 +199,41 @@ def test_run_writes_report_and_metrics(runs):
 def test_generation_two_ranks_match_one_rank_and_plain_decoding(runs, toy_world):
     """Generation at the end of the run (12 prompts per split in 3 batches of 4 (eval.micro_batch_size), dealt to 2
     ranks under ZeRO-3: rank 1 runs out of batches first and steps along, synced) writes 1 rank's token ids, and
-    those of a plain transformers ``model.generate`` of each directory, one prompt at a time, on one process."""
+    those of a plain transformers ``model.generate`` of each directory, one prompt at a time, on one process; so do
+    11 KnowMem questions of uneven length (left-padded batches of 4, 4 and 3)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from dsunlearn.data import load_documents, tokenize_and_chunk
+    from dsunlearn.eval.generate import knowmem_prompt
     one = json.loads((runs["one"] / "generations.json").read_text())
     two = json.loads((runs["two"] / "generations.json").read_text())
     metrics = json.loads((runs["one"] / "metrics.json").read_text())["generation"]
     assert set(one["generated"]) == {"before", "after"}  # no twin in this run
     assert one["sets"]["verbmem/forget"]["num_prompts"] == 12 and set(one["sets"]) == {
-        "verbmem/forget", "verbmem/approximate", "verbmem/retain"}
+        "verbmem/forget", "verbmem/approximate", "verbmem/retain", "knowmem/retain"}
+    assert one["sets"]["knowmem/retain"]["num_prompts"] == 11
     assert two["generated"] == one["generated"]
     tokenizer = AutoTokenizer.from_pretrained(toy_world["model"])
     prefix, new = metrics["prefix"], metrics["verbmem_tokens"]
     chunks, _ = tokenize_and_chunk(load_documents(toy_world["forget"]), tokenizer, 64)
     chunks = [list(c) for c in chunks["input_ids"] if len(c) > prefix][:12]
+    questions = [q["question"] for q in json.loads((runs["one"].parent / "retain_qa.json").read_text())]
+    lengths = {len(tokenizer(knowmem_prompt(q))["input_ids"]) for q in questions}
+    assert len(lengths) > 5  # uneven prompts, really
+
+    def plain_generate(model, prompt, limit):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=limit, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        ids = out[0, len(prompt):].tolist()
+        return ids[:ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids
+
     for label, path in (("before", toy_world["model"]), ("after", runs["one"] / "model")):
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         for chunk, ids in zip(chunks, one["generated"][label]["verbmem/forget"]):
             limit = len(chunk[prefix:prefix + new])
-            out = model.generate(torch.tensor([chunk[:prefix]]), max_new_tokens=limit, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            plain = out[0, prefix:].tolist()
-            plain = plain[:plain.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in plain else plain
-            assert ids == plain[:limit], label
+            assert ids == plain_generate(model, chunk[:prefix], limit)[:limit], label
+        for q, ids in zip(questions, one["generated"][label]["knowmem/retain"]):
+            assert ids == plain_generate(model, tokenizer(knowmem_prompt(q))["input_ids"], 6), (label, q)
     report = (runs["two"] / "report.md").read_text()
     assert "VerbMem (MUSE)" in report and "What each model writes after a forget prefix" in report
     assert (runs["two"] / "plots" / "memorisation.png").is_file()
