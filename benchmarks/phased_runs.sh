@@ -17,7 +17,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions} HF_H
 PY=${PY:-.venv/bin/python}
 TOKENS=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['models']['retrained']['tokens_seen'])" "$PAIR/pair.json")
 for M in $METHODS; do
-  CONFIG=dsunlearn/configs/$M.json; [ "$M" = simnpo ] && CONFIG=dsunlearn/configs/demo.json
+  CONFIG=dsunlearn/configs/$M.json; [ "$M" = simnpo ] && CONFIG=dsunlearn/configs/demo_simnpo.json
   $PY -m dsunlearn unlearn --config $CONFIG --zero ds_configs/zero3_cpu_test.json --overwrite \
     --set output.run_dir=$OUT/$M --set model.path=$PAIR/original --set eval.retrained_model=$PAIR/retrained \
     --set data.forget=$WORLD/forget.jsonl --set data.retain=$WORLD/retain.jsonl \

@@ -50,6 +50,10 @@ class DataConfig:
     """General-domain text (the study's "general retain data"; also evaluated)."""
     train: Optional[str] = None
     """Training corpus of ``dsunlearn pretrain`` (plain next-token descent from scratch)."""
+    forget_per_batch: int = 0
+    """``dsunlearn pretrain`` only: forget chunks (``data.forget``) added to every micro-step's batch of
+    ``data.train`` chunks, in the same fused forward, for an original model whose exact-retrain twin is the same run
+    with 0 (its train batches are the same: each stream draws its own chunks from its own seed). 0 = train only."""
     muse: Optional[str] = None
     """A local copy of one MUSE corpus (Shi et al. 2024; e.g. ``.../MUSE-News``, ``.../data/news``), in MUSE's layout
     and field names: ``raw/forget``, ``raw/retain1`` (else ``retain2``), ``raw/holdout`` become ``forget``,
@@ -476,6 +480,7 @@ def validate(cfg: RunConfig) -> None:
         (t.grad_clip >= 0, "train.grad_clip: expected >= 0"),
         (len(t.betas) == 2, "train.betas: expected two numbers"),
         (cfg.data.seq_len >= 2, "data.seq_len: expected >= 2"),
+        (cfg.data.forget_per_batch >= 0, "data.forget_per_batch: expected >= 0 (0 = train corpus only)"),
         (cfg.data.retain_source in ("retain", "general"),
          f"data.retain_source: expected 'retain' or 'general', got {cfg.data.retain_source!r}"),
         (cfg.reference.mode in REFERENCE_MODES,

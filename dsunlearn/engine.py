@@ -38,6 +38,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def standalone_env(**overrides: str) -> dict:
+    """The environment for a child ``python -m dsunlearn`` that is a world of one of its own: this process's
+    environment without the launcher's rank variables, which ``_map_launcher_env`` may have set here (the child would
+    otherwise try to join this process's world, on its port)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own detection needs it spelt out on a CPU machine
+    return {**env, **overrides}
+
+
 def _map_launcher_env() -> None:
     """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* exist whatever started us.
 

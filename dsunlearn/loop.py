@@ -7,8 +7,7 @@ all-gather, and DeepSpeed 0.19 refuses a second forward before a backward when t
 
     deepspeed --num_gpus 8 --module dsunlearn unlearn --config run.json --zero ds_configs/zero3.json
 
-What a run needs is resolved and checked by ``prepare.prepare``; the run directory, its log and checkpoints live in
-``rundir``; this module builds the engines, steps, and writes the results.
+``prepare.prepare`` resolves and checks a run; ``rundir`` keeps its directory, log and checkpoints.
 """
 from __future__ import annotations
 
@@ -172,7 +171,7 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     resume = resume and has_checkpoint(run_dir)  # a phased run killed in an earlier phase starts its last afresh
     if resume:
         resume_from_checkpoint(run.engine, run_dir, state)
-    pretraining = p.method.streams == ("train",)
+    pretraining = p.method.streams[0] == "train"
     logger = RunLogger(run_dir, p.num_steps, state.step, E.is_main(), desc="pretrain" if pretraining else "unlearn",
                        phase=phase)
     evaluator = None
@@ -262,13 +261,14 @@ def train_step(run: Run, step: int) -> dict:
     lr = engine.get_lr()[0]  # the LR this step's update uses (the scheduler advances inside engine.step)
     term_sums: dict[str, float] = {}
     nll_sums: dict[str, float] = {}
-    num_tokens = 0
-    nonfinite_loss = False
+    num_tokens, chunks, nonfinite_loss = 0, {}, False
     for micro in range(t.grad_accum):
         if clear_memo:
             E.forget_zero3_release_decisions()
-        batches = {name: s.batch(run.samplers[name].indices(step, micro, rank), cfg.data.seq_len, run.pad_id)
-                   for name, s in run.streams.items()}
+        indices = {name: run.samplers[name].indices(step, micro, rank) for name in run.streams}
+        batches = {name: s.batch(indices[name], cfg.data.seq_len, run.pad_id) for name, s in run.streams.items()}
+        for name, ids in indices.items():  # which chunks this step took, per stream (log.jsonl "chunks")
+            chunks.setdefault(name, []).extend(ids)
         outputs = fused_forward(engine, run.method, batches, run.reference)
         terms = run.method.terms(outputs)
         total = sum(run.weights[k] * v for k, v in terms.items())
@@ -309,7 +309,8 @@ def train_step(run: Run, step: int) -> dict:
     applied = engine.was_step_applied()
     elapsed = time.perf_counter() - start
     record.update({"lr": lr, "grad_norm": grad_norm, "skipped": 0 if applied else 1,
-                   "tokens_per_s": values[-1].item() / elapsed, "step_seconds": elapsed, "stop": None})
+                   "tokens_per_s": values[-1].item() / elapsed, "step_seconds": elapsed, "stop": None,
+                   "chunks": chunks})
     nonfinite = nonfinite_loss or (grad_norm is not None and not math.isfinite(grad_norm))
     if applied and nonfinite and cfg.guard.stop_on_nonfinite:
         # Only an engine without an overflow check (no ZeRO, no loss scaler) applies a non-finite update: the

@@ -10,6 +10,7 @@ the one command that rebuilds it bit for bit (same Python version, same Debian p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from .. import engine as E
+from .continued_pair import PairSettings, build_continued_pair
 from .world import build_world
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -79,7 +82,7 @@ def build_pair(cache_dir: str, out: str, seed: int = 0) -> dict:
     arch = work / "arch"
     write_architecture(world / "tokenizer", arch)
     corpora = write_corpora(world, work)
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1")
+    env = E.standalone_env(OMP_NUM_THREADS="1")  # the two runs side by side, one core each
     procs, started = {}, time.time()
     for name, corpus in corpora.items():
         cfg_path = work / f"{name}.json"
@@ -117,8 +120,30 @@ def main(argv=None) -> None:
     ap.add_argument("--cache-dir", default=".cache/demo_world")
     ap.add_argument("--out", default=str(PRETRAINED_DIR))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base", default=None, metavar="MODEL_DIR",
+                    help="continue training this pretrained model instead (e.g. SmolLM2-135M imported with "
+                         "`dsunlearn model import-gguf`): the original and its twin of the last stage "
+                         "(dsunlearn/demo/continued_pair.py); --out defaults to .cache/smollm2_pair")
+    defaults = PairSettings()
+    for field in ("steps", "train_per_batch", "forget_per_batch", "lr", "seq_len"):
+        ap.add_argument("--" + field.replace("_", "-"), type=type(getattr(defaults, field)), default=None,
+                        help=f"with --base (default {getattr(defaults, field)})")
+    ap.add_argument("--no-eval", action="store_true", help="with --base: skip scoring the models")
+    ap.add_argument("--zero", default=str(ZERO_CPU),
+                    help="with --base: the ZeRO JSON of both trainings and evaluations (default: the CPU test "
+                         "config; on GPUs e.g. ds_configs/zero3.json)")
     args = ap.parse_args(argv)
-    print(json.dumps(build_pair(args.cache_dir, args.out, args.seed), indent=2))
+    if args.base is None:
+        print(json.dumps(build_pair(args.cache_dir, args.out, args.seed), indent=2))
+        return
+    changed = {f: getattr(args, f) for f in ("steps", "train_per_batch", "forget_per_batch", "lr", "seq_len")
+               if getattr(args, f) is not None}
+    settings = dataclasses.replace(defaults, seed=args.seed, **changed)
+    ensure_world(args.cache_dir, 0)
+    out = args.out if args.out != str(PRETRAINED_DIR) else ".cache/smollm2_pair"
+    pair = build_continued_pair(args.base, world_dir(args.cache_dir), out, settings, Path(args.zero),
+                                evaluate=not args.no_eval)
+    print(json.dumps(pair, indent=2))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,23 @@ def demo_overrides(cache_dir: str, pretrained: Path) -> list[str]:
             *(f"data.{name}={world / (name + '.jsonl')}" for name in ("forget", "retain", "approximate", "general"))]
 
 
+def pair_overrides(pair_dir: Path) -> list[str]:
+    """The demo config pointed at a continued-training pair (``demo/continued_pair.py``): its models, its sets, its
+    chunk length, its own run dir; the cost is counted against retraining the last stage (the twin's tokens)."""
+    pair_file = pair_dir / "pair.json"
+    if not pair_file.is_file():
+        raise ConfigError(f"--pair {pair_dir}: pair.json missing; build one with `python -m "
+                          f"dsunlearn.demo.pretrain_pair --base MODEL_DIR --out {pair_dir}`")
+    pair = json.loads(pair_file.read_text())
+    root = pair_dir.resolve()
+    return [f"model.path={root / 'original'}", f"eval.retrained_model={root / 'retrained'}",
+            *(f"data.{name}={root / 'data' / (name + '.jsonl')}" for name in ("forget", "retain", "approximate",
+                                                                               "general")),
+            f"data.seq_len={pair['settings']['seq_len']}",
+            f"cost.pretrain_tokens={pair['models']['retrained']['tokens_seen']}",
+            f"output.run_dir=runs/demo_{pair_dir.name}"]
+
+
 def check_pair(manifest: dict, pretrained: Path) -> list[str]:
     """Warnings when the committed pair was trained on other text than this machine's demo world."""
     pair_file = pretrained / "pair.json"
@@ -84,21 +101,30 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsunlearn demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", default=".cache/demo_world", help="demo world cache")
     ap.add_argument("--zero", default=str(Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_cpu_test.json"))
+    ap.add_argument("--config", default=str(DEMO_CONFIG),
+                    help="the run config (default: the demo's, dsunlearn/configs/demo.json); its model and data are "
+                         "the demo world's or --pair's")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--pair", default=None, metavar="DIR",
+                    help="a pair built by `python -m dsunlearn.demo.pretrain_pair --base MODEL --out DIR` (e.g. "
+                         "SmolLM2-135M): the same unlearning, evaluation and audits on it")
     args = ap.parse_args(argv)
     from ..logs import setup_logging
     from .. import engine as E
     from ..loop import unlearn
     setup_logging()
-    from .sources import FetchError
-    try:
-        manifest = ensure_world(args.cache_dir)
-    except FetchError as e:  # no apt, no package lists, no network: say how to fetch by hand, exit 2
-        raise ConfigError(str(e)) from None
-    warnings = check_pair(manifest, PRETRAINED_DIR)
+    if args.pair:
+        overrides, warnings = pair_overrides(Path(args.pair)), []
+    else:
+        from .sources import FetchError
+        try:
+            manifest = ensure_world(args.cache_dir)
+        except FetchError as e:  # no apt, no package lists, no network: say how to fetch by hand, exit 2
+            raise ConfigError(str(e)) from None
+        overrides, warnings = demo_overrides(args.cache_dir, PRETRAINED_DIR), check_pair(manifest, PRETRAINED_DIR)
     for w in warnings:
         log.warning(w)
-    cfg = load_run_config(str(DEMO_CONFIG), demo_overrides(args.cache_dir, PRETRAINED_DIR) + args.overrides)
+    cfg = load_run_config(args.config, overrides + args.overrides)
     code = unlearn(cfg, args.zero, overwrite=True)
     if E.is_main():
         run_dir = Path(cfg.output.run_dir)
