@@ -7,6 +7,9 @@
 # Sized for the 2-core CPU machine (~25 min per method): the training budget is 20 steps of 8 chunks, evaluated every
 # 10; the relearning audit fine-tunes 20 steps of 4 chunks at the pair's own learning rate only. On a GPU, run the
 # shipped configs as they are, with three rates: CPU_SIZE="--set audit.relearn_lr=[1e-5,3e-5,1e-4]" bash ...
+# A variant (run dir negate_repair_rules; docs/tuning.md: learning rates scaled to the pair's own, no row edit):
+#   VARIANT=rules EXTRA="--set method.params.token_threshold=1e9 --set method.params.fit_lr=3.3e-5 \
+#     --set train.lr=1e-5" bash benchmarks/smollm2_runs.sh runs/smollm2 .cache/smollm2_pair negate_repair
 set -e
 cd "$(dirname "$0")/.."
 OUT=$1; PAIR=$(cd "$2" && pwd); shift 2
@@ -19,7 +22,10 @@ CPU_SIZE=${CPU_SIZE-"--set train.micro_batch_size=8 --set train.num_steps=20 --s
   --set audit.relearn_batch_size=4 --set audit.relearn_lr=$LR"}
 mkdir -p $OUT
 for M in $METHODS; do
-  CONFIG=dsunlearn/configs/$M.json; [ "$M" = simnpo ] && CONFIG=dsunlearn/configs/demo_simnpo.json
-  $PY -m dsunlearn demo --pair $PAIR --config $CONFIG --set output.run_dir=$OUT/$M \
-    --set 'eval.audits=["relearn"]' --set audit.relearn_steps=20 $CPU_SIZE > $OUT/$M.log 2>&1 || echo "$M: exit $?"
+  case $M in negate_repair) CONFIG=dsunlearn/configs/demo.json;; simnpo) CONFIG=dsunlearn/configs/demo_simnpo.json;;
+    *) CONFIG=dsunlearn/configs/$M.json;; esac  # the demo's two (negate_repair now, SimNPO before), else shipped
+  NAME=$M${VARIANT:+_$VARIANT}
+  $PY -m dsunlearn demo --pair $PAIR --config $CONFIG --set output.run_dir=$OUT/$NAME \
+    --set 'eval.audits=["relearn"]' --set audit.relearn_steps=20 $CPU_SIZE $EXTRA > $OUT/$NAME.log 2>&1 \
+    || echo "$NAME: exit $?"
 done

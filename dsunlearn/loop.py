@@ -171,7 +171,7 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     resume = resume and has_checkpoint(run_dir)  # a phased run killed in an earlier phase starts its last afresh
     if resume:
         resume_from_checkpoint(run.engine, run_dir, state)
-    pretraining = p.method.streams[0] == "train"
+    pretraining = p.method.streams[:1] == ("train",)
     logger = RunLogger(run_dir, p.num_steps, state.step, E.is_main(), desc="pretrain" if pretraining else "unlearn",
                        phase=phase)
     evaluator = None

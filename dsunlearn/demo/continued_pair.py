@@ -173,11 +173,14 @@ def memorisation_summary(metrics: dict, key: str) -> dict:
     from ..eval.verdict import REFERENCE_ATTACK, extreme_attacks
     m = metrics[key]
     splits = m["splits"]
-    # The twin's reference attack is calibrated by the twin itself (0.5 by construction): left out, as in the demo.
-    name, auc = extreme_attacks(m["mia"], exclude=(REFERENCE_ATTACK,) if key == "retrained" else ())[0]
+    # The strongest attack a user has: the reference attack is calibrated by the twin's losses (the twin's own is
+    # 0.5 by construction), so it is reported beside, not in, the strongest.
+    name, auc = extreme_attacks(m["mia"], exclude=(REFERENCE_ATTACK,))[0]
+    ref = m["mia"].get(REFERENCE_ATTACK, {}).get("auc") if key != "retrained" else None
     return {"loss": {k: round(v["loss"], 4) for k, v in splits.items()},
             "forget_gap": round(splits["approximate"]["loss"] - splits["forget"]["loss"], 4),
             "strongest_attack": name, "strongest_auc": round(auc, 4),
+            "reference_attack_auc": round(ref, 4) if ref is not None else None,
             "min_k_20_auc": round(m["mia"]["min_k_20"]["auc"], 4) if "min_k_20" in m["mia"] else None,
             "loss_auc": round(m["mia"]["loss"]["auc"], 4)}
 
