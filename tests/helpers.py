@@ -21,7 +21,8 @@ def launch_env() -> dict:
     # The launchers (deepspeed, mpirun.sh's python) must come from this interpreter's environment even when it
     # was not activated (make and CI call .venv/bin/python directly).
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    from dsunlearn.engine import LAUNCHER_ENV
+    for key in LAUNCHER_ENV:
         env.pop(key, None)
     return env
 

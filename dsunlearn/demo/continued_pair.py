@@ -13,9 +13,9 @@ is in both models.
 Every document is cut into pieces of ``seq_len - 1`` tokens of the base's tokenizer (one chunk each, with the EOS),
 so a set is exactly its number of chunks: forget and approximate take the first piece of each of the demo world's 48
 documents; the train corpus takes ``steps * train_per_batch`` retain pieces (one epoch; first pieces first, domains
-interleaved), and its first 16 per domain are the retain evaluation set (seen by both models). Both models are then scored with
-``dsunlearn eval`` (the base too): the memorisation they show is in ``pair.json`` with every setting and hash needed to
-rebuild the pair bit for bit.
+interleaved), and its first 16 per domain are the retain evaluation set (seen by both models). Both models are then
+scored with ``dsunlearn eval`` (the base too): the memorisation they show is in ``pair.json`` with every setting and
+hash needed to rebuild the pair bit for bit.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from typing import Optional
 from .. import engine as E
 from ..config import ConfigError
 from ..data import sha256_file
+from ..split import write_jsonl
+from .world import read_jsonl
 
 DOMAINS = ("books", "code", "papers")
 
@@ -65,14 +67,6 @@ def pieces(tokenizer, text: str, length: int) -> list[str]:
     for start in range(0, len(offsets) - length + 1, length):
         out.append(text[offsets[start][0]:offsets[start + length - 1][1]])
     return out
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def interleaved(docs: list[dict]) -> list[dict]:
@@ -142,22 +136,14 @@ def eval_config(base: Path, data: dict[str, Path], s: PairSettings, out: Path, t
             "output": {"run_dir": str(out)}}
 
 
-def train_chunks(run_dir: Path) -> list[list[int]]:
-    """The train stream's chunk indices of every step, as the run logged them."""
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [r["chunks"]["train"] for r in rows]
-
-
 def cached(cfg_path: Path, cfg_text: str, model_dir: Path, run_dir: Path) -> bool:
     """A model trained by exactly this config is already in place (the config is written after the copy)."""
     return (cfg_path.is_file() and cfg_path.read_text() == cfg_text and (model_dir / "config.json").is_file()
             and (run_dir / "log.jsonl").is_file())
 
 
-def run_module(args: list[str], log_path: Path, env: dict, config_text: Optional[str] = None) -> float:
-    """``python -m dsunlearn ARGS`` (``config_text`` written to the ``--config`` path first), output to a log."""
-    if config_text is not None:
-        Path(args[args.index("--config") + 1]).write_text(config_text)
+def run_module(args: list[str], log_path: Path, env: dict) -> float:
+    """``python -m dsunlearn ARGS``, output to a log; the seconds it took."""
     started = time.time()
     with open(log_path, "w") as log:
         code = subprocess.call([sys.executable, "-m", "dsunlearn", *args], env=env, stdout=log,
@@ -208,7 +194,7 @@ def build_continued_pair(base: str, world: Path, out: str, s: PairSettings, zero
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     data = write_pair_data(world, tokenizer, s, out_dir / "data")
     env = E.standalone_env(OMP_NUM_THREADS=str(os.cpu_count() or 1))  # one run at a time, every core
-    seconds, models = {}, {}
+    seconds, models, logs = {}, {}, {}
     for name, original in (("original", True), ("retrained", False)):
         cfg_path, target = work / f"{name}.json", out_dir / name
         cfg_text = json.dumps(pretrain_config(base_dir, data, s, work / name, original), indent=1)
@@ -216,28 +202,29 @@ def build_continued_pair(base: str, world: Path, out: str, s: PairSettings, zero
             seconds[f"train_{name}"] = "cached"
         else:
             cfg_path.unlink(missing_ok=True)  # written back only once the model is in place
+            pending = work / f"{name}.pending.json"
+            pending.write_text(cfg_text)
             seconds[f"train_{name}"] = round(run_module(
-                ["pretrain", "--config", str(work / f"{name}.pending.json"), "--zero", str(zero), "--overwrite"],
-                work / f"{name}.log", env, config_text=cfg_text), 1)
+                ["pretrain", "--config", str(pending), "--zero", str(zero), "--overwrite"],
+                work / f"{name}.log", env), 1)
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(work / name / "model", target)
             cfg_path.write_text(cfg_text)
-        steps = [json.loads(line) for line in (work / name / "log.jsonl").read_text().splitlines()]
+        logs[name] = steps = read_jsonl(work / name / "log.jsonl")
         models[name] = {"steps": len(steps), "tokens_seen": int(sum(r["tokens_per_s"] * r["step_seconds"]
                                                                       for r in steps)),
                         "final_train_loss": round(steps[-1]["loss/train"], 4)}
-    ours, twins = train_chunks(work / "original"), train_chunks(work / "retrained")
-    if ours != twins:
+    # The chunk indices each step took, as the runs logged them.
+    if [r["chunks"]["train"] for r in logs["original"]] != [r["chunks"]["train"] for r in logs["retrained"]]:
         raise SystemExit("the original's and the twin's train chunks differ: the twin is not exact")
-    forget_seen = sum(len(json.loads(line)["chunks"]["forget"])
-                      for line in (work / "original" / "log.jsonl").read_text().splitlines())
+    forget_seen = sum(len(r["chunks"]["forget"]) for r in logs["original"])
+    chunks = {k: len(read_jsonl(p)) for k, p in data.items()}  # one piece = one chunk
     pair = {"base": {"path": str(base_dir), "sha256": sha256_file(base_dir / "model.safetensors")
                      if (base_dir / "model.safetensors").is_file() else None},
             "settings": asdict(s), "zero": json.loads(zero.read_text()),
-            "sets": {k: {"file": p.name, "chunks": sum(1 for _ in p.open()), "sha256": sha256_file(p)}
-                     for k, p in data.items()},
+            "sets": {k: {"file": p.name, "chunks": chunks[k], "sha256": sha256_file(p)} for k, p in data.items()},
             "train_chunks_identical": True, "forget_chunks_seen": forget_seen,
-            "forget_epochs": round(forget_seen / max(1, sum(1 for _ in data["forget"].open())), 2),
+            "forget_epochs": round(forget_seen / max(1, chunks["forget"]), 2),
             "models": models, "versions": versions(), "seconds": seconds}
     if evaluate:
         scores = {}

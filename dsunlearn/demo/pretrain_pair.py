@@ -115,6 +115,10 @@ def build_pair(cache_dir: str, out: str, seed: int = 0) -> dict:
     return pair
 
 
+PAIR_FLAGS = ("steps", "train_per_batch", "forget_per_batch", "lr", "seq_len")
+"""The ``PairSettings`` fields that ``--base`` runs take as flags (``--train-per-batch`` ...)."""
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", default=".cache/demo_world")
@@ -125,7 +129,7 @@ def main(argv=None) -> None:
                          "`dsunlearn model import-gguf`): the original and its twin of the last stage "
                          "(dsunlearn/demo/continued_pair.py); --out defaults to .cache/smollm2_pair")
     defaults = PairSettings()
-    for field in ("steps", "train_per_batch", "forget_per_batch", "lr", "seq_len"):
+    for field in PAIR_FLAGS:
         ap.add_argument("--" + field.replace("_", "-"), type=type(getattr(defaults, field)), default=None,
                         help=f"with --base (default {getattr(defaults, field)})")
     ap.add_argument("--no-eval", action="store_true", help="with --base: skip scoring the models")
@@ -136,8 +140,7 @@ def main(argv=None) -> None:
     if args.base is None:
         print(json.dumps(build_pair(args.cache_dir, args.out, args.seed), indent=2))
         return
-    changed = {f: getattr(args, f) for f in ("steps", "train_per_batch", "forget_per_batch", "lr", "seq_len")
-               if getattr(args, f) is not None}
+    changed = {f: getattr(args, f) for f in PAIR_FLAGS if getattr(args, f) is not None}
     settings = dataclasses.replace(defaults, seed=args.seed, **changed)
     ensure_world(args.cache_dir, 0)
     out = args.out if args.out != str(PRETRAINED_DIR) else ".cache/smollm2_pair"
