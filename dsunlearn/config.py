@@ -191,6 +191,12 @@ class EvalConfig:
     """Verdict: retain and approximate loss may rise by at most this fraction of the original model's."""
     retrained_model: Optional[str] = None
     """An exactly retrained model (the demo world has one): every figure is reported for it too."""
+    base_model: Optional[str] = None
+    """The model before it ever saw the forget set, when one exists (the checkpoint a fine-tune or continued
+    pretraining started from): a user has it, a twin they do not. It measures how the forget text differs from the
+    approximate text by nature: the "original_approximate" target moves by the base's forget - approximate loss gap,
+    and without a twin the unseen-like attack levels are the base's attack AUCs instead of 0.5 (docs/evaluation.md,
+    "Without a twin")."""
     mia: bool = True
     """Run the membership-inference attacks (forget = members, approximate = non-members)."""
     split_check: bool = True
@@ -500,6 +506,8 @@ def validate(cfg: RunConfig) -> None:
          f"got {cfg.eval.stop_target!r}"),
         (cfg.eval.stop_target != "retrained_forget" or cfg.eval.retrained_model,
          "eval.stop_target='retrained_forget' needs eval.retrained_model"),
+        (not cfg.eval.base_model or cfg.eval.stop_target == "original_approximate",
+         f"eval.base_model corrects the 'original_approximate' target; got eval.stop_target={cfg.eval.stop_target!r}"),
         (cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps: expected >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: expected >= 1"),
         (cfg.eval.every_n_steps >= 0, "eval.every_n_steps: expected >= 0"),

@@ -505,7 +505,7 @@ def plan_memory(p, device_memory: Optional[int] = None) -> dict:
             transient = {"step": 0, "theta0_pass": 0, "eval_pass": 0, "optimizer_step": step}
         if method.precomputed:
             transient["labels_pass"] = transient["theta0_pass"]
-        transient["twin"] = bool(cfg.eval.retrained_model)
+        transient["twin"] = bool(cfg.eval.retrained_model or cfg.eval.base_model)  # one frozen model at a time
         terms, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, transient)
         if audit is not None:
             phases.update(audit.phases())

@@ -33,7 +33,7 @@ from . import engine as E
 from .config import AdapterConfig, ConfigError, MethodConfig
 from .data import write_json_atomic
 from .methods import term_weights
-from .methods.phased import (INPUT, ArithmeticPhase, EditContext, EditPhase, PhasedMethod, TrainPhase)
+from .methods.phased import (INPUT, ArithmeticPhase, EditContext, EditPhase, PhasedMethod, TrainPhase, phase_lr)
 from .prepare import Prepared, plan_steps, with_model
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def phase_config(cfg, ph: TrainPhase, model_path: str, out: Path, boundaries: di
     return dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, path=model_path, init="pretrained"),
         method=MethodConfig(name=f"{cfg.method.name}/{ph.name}"), reference=reference, adapter=AdapterConfig(),
-        train=dataclasses.replace(cfg.train, lr=ph.lr, schedule=ph.schedule, warmup_ratio=0.0, min_lr_ratio=0.0,
+        train=dataclasses.replace(cfg.train, lr=phase_lr(ph, cfg.train.lr), schedule=ph.schedule, warmup_ratio=0.0, min_lr_ratio=0.0,
                                   micro_batch_size=ph.global_batch // world_size, grad_accum=1,
                                   global_batch_size=None, retain_ratio=1, num_steps=ph.num_steps),
         eval=dataclasses.replace(cfg.eval, splits=(), every_n_steps=0, stop_tolerance=0.0, audits=(),

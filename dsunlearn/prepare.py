@@ -111,8 +111,9 @@ def prepare(cfg: RunConfig, zero_path: str, world_size: int, *, method=None, tra
         check_method_on_model(method, model_config)
         if cfg.adapter.rank > 0:
             check_adapter(model_config, cfg.adapter, method.trainable_params)
-    if cfg.eval.retrained_model:
-        E.check_model_dir(with_model(cfg, cfg.eval.retrained_model))
+    for model_dir in (cfg.eval.retrained_model, cfg.eval.base_model):
+        if model_dir:
+            E.check_model_dir(with_model(cfg, model_dir))
     if cfg.reference.path:
         E.check_model_dir(with_model(cfg, cfg.reference.path))
     out = Prepared(cfg=cfg, ds_config=ds_config, world_size=world_size, tokenizer=tokenizer,

@@ -37,21 +37,33 @@ def demo_overrides(cache_dir: str, pretrained: Path) -> list[str]:
             *(f"data.{name}={world / (name + '.jsonl')}" for name in ("forget", "retain", "approximate", "general"))]
 
 
-def pair_overrides(pair_dir: Path) -> list[str]:
+UNLEARN_LR_FRACTION = 0.1
+"""The unlearning rate's rule (docs/methods.md, "How the hyperparameters are set"): a tenth of the peak learning rate
+the model was last trained at (the demo world's pair: 3e-3 -> the demo config's 3e-4)."""
+
+
+def pair_overrides(pair_dir: Path) -> tuple[list[str], list[str]]:
     """The demo config pointed at a continued-training pair (``demo/continued_pair.py``): its models, its sets, its
-    chunk length, its own run dir; the cost is counted against retraining the last stage (the twin's tokens)."""
+    chunk length, its own run dir; ``train.lr`` by the rule above from the pair's own training rate; the base model
+    the pair continued from as ``eval.base_model`` (a user has it); the cost counted against retraining the last
+    stage (the twin's tokens). Returns (overrides, warnings)."""
     pair_file = pair_dir / "pair.json"
     if not pair_file.is_file():
         raise ConfigError(f"--pair {pair_dir}: pair.json missing; build one with `python -m "
                           f"dsunlearn.demo.pretrain_pair --base MODEL_DIR --out {pair_dir}`")
     pair = json.loads(pair_file.read_text())
     root = pair_dir.resolve()
-    return [f"model.path={root / 'original'}", f"eval.retrained_model={root / 'retrained'}",
-            *(f"data.{name}={root / 'data' / (name + '.jsonl')}" for name in ("forget", "retain", "approximate",
-                                                                               "general")),
-            f"data.seq_len={pair['settings']['seq_len']}",
-            f"cost.pretrain_tokens={pair['models']['retrained']['tokens_seen']}",
-            f"output.run_dir=runs/demo_{pair_dir.name}"]
+    overrides = [f"model.path={root / 'original'}", f"eval.retrained_model={root / 'retrained'}",
+                 *(f"data.{name}={root / 'data' / (name + '.jsonl')}" for name in ("forget", "retain", "approximate",
+                                                                                    "general")),
+                 f"data.seq_len={pair['settings']['seq_len']}",
+                 f"train.lr={UNLEARN_LR_FRACTION * pair['settings']['lr']:.6g}",
+                 f"cost.pretrain_tokens={pair['models']['retrained']['tokens_seen']}",
+                 f"output.run_dir=runs/demo_{pair_dir.name}"]
+    base = Path(pair["base"]["path"])
+    if (base / "config.json").is_file():
+        return overrides + [f"eval.base_model={base}"], []
+    return overrides, [f"{pair_file}: the base model {base} is gone; the target is not corrected by its gap"]
 
 
 def check_pair(manifest: dict, pretrained: Path) -> list[str]:
@@ -114,7 +126,7 @@ def main(argv=None) -> int:
     from ..loop import unlearn
     setup_logging()
     if args.pair:
-        overrides, warnings = pair_overrides(Path(args.pair)), []
+        overrides, warnings = pair_overrides(Path(args.pair))
     else:
         from .sources import FetchError
         try:

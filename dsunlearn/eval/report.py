@@ -148,6 +148,15 @@ def mia_table(columns: dict[str, Optional[dict]]) -> list[str]:
     return lines
 
 
+def base_gap_note(base) -> str:
+    """How the base model (eval.base_model) moved the target and set the unseen-like attack levels."""
+    if not base or "forget" not in base.get("splits", {}) or "approximate" not in base["splits"]:
+        return ""
+    gap = base["splits"]["forget"]["loss"] - base["splits"]["approximate"]["loss"]
+    return (f", moved by the base model's forget - approximate gap {gap:+.3f} nats; without a twin the base's "
+            f"attack AUCs are the unseen-like levels")
+
+
 def distance_line(distance: dict) -> str:
     """PrivLeak (MUSE) of the strongest attack and TOFU's forget quality, as the report's one line."""
     parts = []
@@ -228,7 +237,8 @@ def write_report(run_dir, metrics: dict, after: dict, before: Optional[dict], re
              f"- stop: {metrics.get('stop_reason') or 'planned number of steps reached'}",
              f"- **verdict: {metrics.get('verdict')}**{caveat}",
              f"- distance to retraining: {distance_line(metrics.get('distance_to_retraining') or {})}",
-             f"- target forget loss: {_fmt(metrics.get('after', {}).get('target'))} ({metrics.get('stop_target')})",
+             f"- target forget loss: {_fmt(metrics.get('after', {}).get('target'))} ({metrics.get('stop_target')}"
+             f"{base_gap_note(metrics.get('base'))})",
              *parts_lines(metrics.get("parts")),
              *(["- a later removal request: the target and utility are measured against the chain's original model "
                 f"(`{metrics['chain']['original']['path']}`), not the previous request's result"]

@@ -188,16 +188,27 @@ def summarise(stats: dict[str, dict], mia: bool = True) -> dict:
 
 
 def target_loss(cfg: RunConfig, result: dict, before: Optional[dict], retrained: Optional[dict],
-                original: Optional[dict] = None) -> Optional[float]:
+                original: Optional[dict] = None, base: Optional[dict] = None) -> Optional[float]:
     """The forget loss at which "the forget set looks unseen" (eval.stop_target). "original_approximate" reads
-    ``original`` when given (a later removal request: the chain's original model), else ``before``."""
+    ``original`` when given (a later removal request: the chain's original model), else ``before``; with a base model
+    (``eval.base_model``) it moves by the base's natural gap:
+
+        target = L_approximate(original) + (L_forget(base) - L_approximate(base))
+
+    A forget text easier than the approximate text by nature (a base below its approximate loss) is then not driven
+    up to the approximate loss, which would over-unlearn it."""
     source = {"original_approximate": (original or before, NONMEMBER_SPLIT),
               "current_approximate": (result, NONMEMBER_SPLIT),
               "retrained_forget": (retrained, MEMBER_SPLIT)}[cfg.eval.stop_target]
     model_result, split = source
     if model_result is None or split not in model_result["splits"]:
         return None
-    return model_result["splits"][split]["loss"]
+    return model_result["splits"][split]["loss"] + (natural_gap(base) if base is not None else 0.0)
+
+
+def natural_gap(base: dict) -> float:
+    """The base model's forget - approximate loss (nats): how much harder the forget text is by nature."""
+    return base["splits"][MEMBER_SPLIT]["loss"] - base["splits"][NONMEMBER_SPLIT]["loss"]
 
 
 def stop_rule_holds(result: dict, cfg: RunConfig) -> bool:
@@ -321,6 +332,12 @@ class Evaluator:
                 piece["distance"] = distance_to_retraining(piece, piece)
             # The retrained model's per-chunk loss calibrates the reference-model attack on the trained one.
             self.ref_nll = {n: torch.tensor(v, dtype=torch.float64) for n, v in self.retrained["chunk_loss"].items()}
+        # The model before the forget set (eval.base_model): the target's natural gap and, without a twin, the
+        # unseen-like attack levels. Scored like the twin, without the reference attack it would calibrate.
+        self.base: Optional[dict] = None
+        if cfg.eval.base_model:
+            with frozen_engine(cfg, ds_config, cfg.eval.base_model) as frozen:
+                self.base = evaluate_model(frozen, self.splits, cfg, self.pad_id, mia=cfg.eval.mia, parts=self.parts)
         # A later removal request (chain.py): the chain's original model is the reference for the target and for
         # utility, so a chain cannot drift away from it one tolerated step at a time.
         self.original = None
@@ -416,7 +433,7 @@ class Evaluator:
     def _set_target(self, piece: dict, part: Optional[str]) -> None:
         """The forget-loss target of one part (or of the whole evaluation), from the same part of the reference."""
         target = target_loss(self.cfg, piece, part_of(self.before, part), part_of(self.retrained, part),
-                             part_of(self.original, part))
+                             part_of(self.original, part), part_of(self.base, part))
         if target is not None and MEMBER_SPLIT in piece["splits"]:
             piece["target"] = target
             piece["target_gap"] = piece["splits"][MEMBER_SPLIT]["loss"] - target
@@ -424,10 +441,11 @@ class Evaluator:
     def judge(self, result: dict, part: Optional[str] = None, twin_free: bool = False) -> dict:
         """The verdict on ``result`` (the ``part`` of an evaluation, judged against the same part of the state
         before, the twin and the original): against the twin when there is one (the report), or ``twin_free``: as
-        if there were none, the reference attack left out (the exported step's choice)."""
+        if there were none, the reference attack left out (the exported step's choice). Without a twin the base model
+        (``eval.base_model``) sets the unseen-like attack levels."""
         e = self.cfg.eval
         before = None if self.standalone else part_of(self.before, part)
-        twin = None if twin_free else part_of(self.retrained, part)
+        twin = (None if twin_free else part_of(self.retrained, part)) or part_of(self.base, part)
         return judge(result, before, twin, stop_tolerance=e.stop_tolerance,
                      utility_tolerance=e.utility_tolerance, auc_band=e.auc_band,
                      split_check=None if self.standalone else self.split_check,
@@ -487,7 +505,7 @@ class Evaluator:
         # Split evaluations report the report part (the step was chosen on the other); the whole sets beside.
         reported = {name: part_of(result, REPORT) for name, result in
                     (("before", self.before), ("after", after["result"]), ("retrained", self.retrained),
-                     ("original", self.original))}
+                     ("original", self.original), ("base", self.base))}
         shown = {name: compact(r) if r else None for name, r in reported.items()}
         extra = dict(extra or {})
         generation = extra.pop("generation", None)

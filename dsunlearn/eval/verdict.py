@@ -3,12 +3,14 @@
 An evaluation is judged on three criteria, each with a default the user can change (``eval.*``):
 
 1. **Forget loss at the target**, a one-sided crossing: ``forget loss >= target - eval.stop_tolerance`` (the target is
-   ``eval.stop_target``, by default the original model's loss on unseen in-distribution text). A forget loss far above
+   ``eval.stop_target``, by default the original model's loss on unseen in-distribution text, moved by the base
+   model's forget - approximate gap when ``eval.base_model`` is set). A forget loss far above
    the target is not rewarded: it shows up in criterion 2 as attacks that rank forget chunks *below* unseen ones.
 2. **No attack tells forget from unseen text** better than it should. The strongest attack is the largest AUC over
    every membership score (LOSS, zlib, every Min-K% and Min-K%++ k, the reference attack). With a retrained twin the
    reference level is the twin's strongest attack, its own reference attack left out (0.5 by construction: it is
-   calibrated by the twin itself); without one it is 0.5. The band is ``eval.auc_band``, by default twice the standard
+   calibrated by the twin itself); without one it is the base model's (``eval.base_model``, the model before the
+   forget set: how far the forget text stands out by nature), else 0.5. The band is ``eval.auc_band``, by default twice the standard
    deviation of a random scorer's AUC at these set sizes, ``2 sqrt((n1 + n2 + 1) / (12 n1 n2))`` (Mann-Whitney under
    H0; the split check uses the same null), at least 0.05. The weakest attack is held to the mirror bound: an AUC
    below the reference level minus the band means the forget set now stands out as *harder* than unseen text
@@ -121,7 +123,8 @@ def judge(result: dict, before: Optional[dict], twin: Optional[dict], *, stop_to
           utility_tolerance: float, auc_band: Optional[float], split_check: Optional[dict] = None,
           original: Optional[dict] = None, exclude_attacks: tuple = ()) -> dict:
     """The judgement of one evaluation (``result``, with ``target`` set) against the state before unlearning
-    (``before``) and the retrained twin (``twin``, optional). Utility is measured against ``original`` when given (a
+    (``before``) and the retrained twin (``twin``, optional; or the base model, whose attack levels stand in for a
+    missing twin's). Utility is measured against ``original`` when given (a
     later removal request: the chain's original model, so damage cannot accumulate unjudged), else ``before``.
     Returns ``status`` (one of the four words above), ``ok`` (forgotten), ``reasons`` (one line each, with numbers),
     the figures behind them, and ``distance`` (0 when every criterion holds, else how far off, in comparable units:

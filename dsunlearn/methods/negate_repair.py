@@ -13,7 +13,7 @@ what comes back is what the retain text teaches and the forget set's own memorie
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 from .phased import Descent, EditPhase, PhasedMethod, TrainPhase
 from .task_vector import check_vector_knobs, vector_phases
@@ -26,8 +26,9 @@ class NegateRepair(PhasedMethod):
     """Phase 1: the forget/retain per-token rate ratio from which a token's row is edited (``token_rows``)."""
     fit_steps: int = 5
     """Phase 2: AdamW steps of NLL(forget)."""
-    fit_lr: float = 1e-3
-    """Phase 2: its constant learning rate."""
+    fit_lr: Optional[float] = None
+    """Phase 2: its constant learning rate; None: 10/3 x ``train.lr`` (``task_vector.FIT_LR_RATIO``), so the fit
+    scales with the repair's rate, which the user sets for the model."""
     fit_batch: int = 16
     """Phase 2: forget chunks per step over all ranks."""
     beta: float = 2.0

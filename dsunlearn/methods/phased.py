@@ -37,11 +37,13 @@ INPUT = "input"
 class TrainPhase:
     """Optimizer steps on ``method``'s loss terms. ``num_steps=None``: the run's own training (the last phase only):
     the ``train`` section's knobs, evaluations and the exported step. Otherwise the phase's own knobs (the method's
-    params own them); ``global_batch`` chunks per step over all ranks, so 2 ranks take the steps 1 rank takes."""
+    params own them); ``global_batch`` chunks per step over all ranks, so 2 ranks take the steps 1 rank takes.
+    ``lr`` None: ``lr_ratio`` times ``train.lr`` (a rate that scales with the one the user sets for the model)."""
     name: str
     method: Method
     num_steps: Optional[int] = None
-    lr: float = 1e-3
+    lr: Optional[float] = 1e-3
+    lr_ratio: float = 1.0
     global_batch: int = 16
     schedule: str = "constant"
     teacher: Optional[str] = None
@@ -171,6 +173,11 @@ class PhasedMethod(Method):
 
     def terms(self, outputs):  # the loop runs each phase's own method
         raise NotImplementedError("a phased method's terms are its phases' (dsunlearn/phases.py)")
+
+
+def phase_lr(ph: TrainPhase, train_lr: float) -> float:
+    """A train phase's learning rate: its own, or ``lr_ratio`` times the run's ``train.lr``."""
+    return ph.lr if ph.lr is not None else ph.lr_ratio * train_lr
 
 
 def check_phase_knob(name: str, value, low=0, integer: bool = False) -> None:

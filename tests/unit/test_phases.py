@@ -88,6 +88,17 @@ def test_phases_of_each_method():
     assert [ph.name for ph in tv.earlier_phases()] == ["fit", "negate"] and tv.final_phase().num_steps == 0
 
 
+def test_the_fit_rate_follows_the_run_rate_unless_set(tmp_path):
+    """negate_repair's fit_lr None: 10/3 x train.lr in the fit phase's own run config; a number is kept as is."""
+    from dsunlearn.config import load_run_config
+    from dsunlearn.phases import phase_config
+    for params, train_lr, want in (({}, 3e-4, 1e-3), ({}, 1e-5, 1e-5 * 10 / 3), ({"fit_lr": 2e-3}, 1e-5, 2e-3)):
+        cfg = load_run_config(None, ["model.path=/m", f"train.lr={train_lr}"])
+        fit = build_method(MethodConfig(name="negate_repair", params=params)).phases()[1]
+        assert fit.name == "fit"
+        assert phase_config(cfg, fit, "/m", tmp_path, {}, 1).train.lr == pytest.approx(want)
+
+
 # ---- end to end on the toy world ----
 
 def _weights(model_dir: Path) -> dict:

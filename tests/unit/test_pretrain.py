@@ -99,9 +99,13 @@ def test_continued_pair_on_a_tiny_base(toy_world, tmp_path):
     import pytest
     from dsunlearn.config import ConfigError
     from dsunlearn.demo.run import DEMO_CONFIG, pair_overrides
-    cfg = load_run_config(str(DEMO_CONFIG), pair_overrides(out))
+    overrides, warnings = pair_overrides(out)
+    cfg = load_run_config(str(DEMO_CONFIG), overrides)
     assert (cfg.model.path, cfg.eval.retrained_model) == (str(out / "original"), str(out / "retrained"))
     assert cfg.data.forget == str(out / "data" / "forget.jsonl") and cfg.data.seq_len == 48
     assert cfg.cost.pretrain_tokens == pair["models"]["retrained"]["tokens_seen"]
+    # The rules a user can apply: a tenth of the pair's own training rate; the base it continued from.
+    assert cfg.train.lr == pytest.approx(settings.lr / 10) and warnings == []
+    assert Path(cfg.eval.base_model) == Path(toy_world["model"]).resolve()
     with pytest.raises(ConfigError, match="pair.json missing"):
         pair_overrides(tmp_path)

@@ -51,6 +51,23 @@ def test_targets():
         load_run_config(None, ["eval.stop_target=retrained_forget"])
 
 
+def test_the_base_model_moves_the_target_by_its_natural_gap_and_sets_the_attack_levels():
+    """eval.base_model (the model before the forget set): target = L_approx(original) + L_forget(base) -
+    L_approx(base); without a twin its strongest attack is the unseen-like level, with a twin the twin's stays."""
+    before, base = _result(4.0, 5.1), _result(3.3, 3.5, aucs={"loss": 0.58, "min_k_10": 0.6, "ref": 0.5})
+    cfg = load_run_config(None, ["eval.base_model=/base"])
+    assert target_loss(cfg, _result(5.0), before, None, base=base) == pytest.approx(5.1 + (3.3 - 3.5))
+    now = _result(4.95, aucs={"loss": 0.6, "min_k_10": 0.7})
+    now["target"] = target_loss(cfg, now, before, None, base=base)
+    # The forget text is easier by nature: 4.95 is at the moved target 4.9, short of the unmoved 5.1 - 0.1.
+    band = null_auc_band(N, N)
+    j = _judge(now, before, twin=base)
+    assert j["figures"]["unseen_like_high"] == pytest.approx(0.6 + band) and j["ok"], j["reasons"]
+    assert not _judge(_with_target(load_run_config(None, []), now, before), before)["ok"]
+    with pytest.raises(ConfigError, match="eval.base_model corrects the 'original_approximate' target"):
+        load_run_config(None, ["eval.base_model=/base", "eval.stop_target=current_approximate"])
+
+
 def test_a_rule_that_could_never_run_is_refused():
     with pytest.raises(ConfigError, match="eval.stop_tolerance > 0 needs eval.every_n_steps > 0"):
         load_run_config(None, ["eval.stop_tolerance=0.1"])
@@ -270,12 +287,15 @@ def test_selection_and_report_parts_are_disjoint_documents_and_seeded():
 
 def test_the_step_is_chosen_on_one_part_and_reported_on_the_other(toy_world, tmp_path):
     """A real run with the stop rule on: metrics.json's before/after are the report part's figures, the whole
-    sets are beside them, the report says which part is which and how large each is."""
+    sets are beside them, the report says which part is which and how large each is. With eval.base_model the base
+    is scored on the same parts and moves each part's target by its own gap: here the base is the original itself,
+    so the target is the original's own forget loss, part by part."""
     import json
     from dsunlearn.cli import main
     from helpers import CPU_ZERO3, write_run_config
     cfg = write_run_config(tmp_path / "r.json", toy_world, tmp_path / "run", train={"num_steps": 3},
-                           eval={"every_n_steps": 1, "stop_tolerance": 0.1, "allow_unjudged": True})
+                           eval={"every_n_steps": 1, "stop_tolerance": 0.1, "allow_unjudged": True,
+                                 "base_model": toy_world["model"]})
     assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3]) in (0, 3)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     sizes = metrics["parts"]["sizes"]["forget"]
@@ -289,3 +309,10 @@ def test_the_step_is_chosen_on_one_part_and_reported_on_the_other(toy_world, tmp
     assert entry["parts"]["selection"]["splits"] != entry["parts"]["report"]["splits"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "the step was chosen on the selection part (forget " in report and "disjoint report part" in report
+    assert metrics["base"]["splits"] == metrics["before"]["splits"]
+    for name in ("before", "after"):
+        assert metrics[name]["target"] == pytest.approx(metrics["before"]["splits"]["forget"]["loss"])
+    whole_before = metrics["all_chunks"]["before"]
+    assert whole_before["parts"]["selection"]["target"] == pytest.approx(
+        whole_before["parts"]["selection"]["splits"]["forget"]["loss"])
+    assert "moved by the base model's forget - approximate gap" in report
