@@ -104,16 +104,18 @@ def run_earlier_phases(p: Prepared, zero_path: str, resume: bool, unlearn: Calla
                 log.info("phase %d/%d %s (%s)", k, len(method.phases()), ph.name, ph.kind)
             started = time.perf_counter()
             E.reset_peak_memory()
+            notes: dict = {}
             if isinstance(ph, TrainPhase):
                 flops = train_phase(p, ph, previous, out, done.boundaries, zero_path, resume, unlearn)
             else:
                 with E.together(f"phase {ph.name}"):
                     if E.is_main():
-                        rewrite_phase(p, ph, Path(previous), out / "model", done.boundaries)
+                        notes = rewrite_phase(p, ph, Path(previous), out / "model", done.boundaries)
                 flops = 0.0
             record = {"phase": ph.name, "kind": ph.kind, "index": k, "flops": flops,
                       "seconds": round(time.perf_counter() - started, 3), "peak_memory_bytes": E.peak_memory(),
-                      "boundary_bytes": dir_bytes(out / "model"), "world_size": E.world_size()}
+                      "boundary_bytes": dir_bytes(out / "model"), "world_size": E.world_size(),
+                      **({"notes": notes} if notes else {})}
             with E.together(f"recording phase {ph.name}"):
                 if E.is_main():
                     write_json_atomic(marker, record)
@@ -175,12 +177,35 @@ def edit_context(p: Prepared, ph: EditPhase) -> EditContext:
     vocab = int(emb.shape[0])
     counts = {}
     for name in ph.statistics:
-        counts[name] = torch.zeros(vocab, dtype=torch.long)
-        for batch in p.streams[name].chunks.iter(batch_size=1024):  # the chunks as trained: what the rows saw
-            ids = torch.tensor([t for chunk in batch["input_ids"] for t in chunk], dtype=torch.long)
-            counts[name] += torch.bincount(ids, minlength=vocab)[:vocab]
+        counts[name] = chunk_counts(p.streams[name].chunks, vocab)  # the chunks as trained: what the rows saw
+    nulls = null_counts(p.streams["retain"].chunks, int(counts["forget"].sum()), counts["retain"], ph.null_draws,
+                        p.cfg.train.seed, vocab) if ph.null_draws else ()
     return EditContext(token_counts=counts, embedding=embedding,
-                       init_std=float(getattr(p.model_config, "initializer_range", 0.02)), seed=p.cfg.train.seed)
+                       init_std=float(getattr(p.model_config, "initializer_range", 0.02)), seed=p.cfg.train.seed,
+                       null_counts=nulls)
+
+
+def chunk_counts(chunks, vocab: int) -> torch.Tensor:
+    """Token counts ([vocab] int64) over a stream's chunks (a ``datasets.Dataset``), 1024 chunks at a time."""
+    counts = torch.zeros(vocab, dtype=torch.long)
+    for batch in chunks.iter(batch_size=1024):
+        ids = torch.tensor([t for chunk in batch["input_ids"] for t in chunk], dtype=torch.long)
+        counts += torch.bincount(ids, minlength=vocab)[:vocab]
+    return counts
+
+
+def null_counts(retain, forget_tokens: int, retain_counts: torch.Tensor, draws: int, seed: int,
+                vocab: int) -> tuple:
+    """``draws`` random retain samples as large as the forget stream (whole chunks, seeded), each with the counts of
+    the other retain chunks: the same statistics as (forget, retain) for text that is not forget-specific."""
+    lengths = torch.tensor([len(c) for b in retain.iter(batch_size=1024) for c in b["input_ids"]], dtype=torch.long)
+    out = []
+    for draw in range(draws):
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed * 1009 + draw))
+        take = int(torch.searchsorted(lengths[order].cumsum(0), forget_tokens)) + 1
+        sample = chunk_counts(retain.select(sorted(order[:take].tolist())), vocab)
+        out.append((sample, retain_counts - sample))
+    return tuple(out)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -229,17 +254,19 @@ class Tensors:
         return self.where[name].get_tensor(name)
 
 
-def rewrite_phase(p: Prepared, ph, src: Path, dst: Path, boundaries: dict) -> None:
-    """An edit or arithmetic phase on rank 0: ``src`` (the previous boundary) into ``dst``."""
+def rewrite_phase(p: Prepared, ph, src: Path, dst: Path, boundaries: dict) -> dict:
+    """An edit or arithmetic phase on rank 0: ``src`` (the previous boundary) into ``dst``; returns the edit's
+    notes (``EditContext.notes``)."""
     if isinstance(ph, EditPhase):
         ctx = edit_context(p, ph)
         rewrite(src, dst, lambda name, t: ph.edit(name, t, ctx))
-    elif isinstance(ph, ArithmeticPhase):
+        return ctx.notes
+    if isinstance(ph, ArithmeticPhase):
         from .methods.phased import negate
         base, moved = Tensors(Path(boundaries[ph.base])), Tensors(Path(boundaries[ph.moved]))
         rewrite(src, dst, lambda name, t: negate(base[name], moved[name], ph.beta))
-    else:  # pragma: no cover - phased.py defines the kinds
-        raise TypeError(f"unknown phase kind {ph!r}")
+        return {}
+    raise TypeError(f"unknown phase kind {ph!r}")  # pragma: no cover - phased.py defines the kinds
 
 
 def final_prepared(p: Prepared, earlier: Earlier) -> tuple[Prepared, Prepared]:

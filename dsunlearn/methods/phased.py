@@ -20,7 +20,7 @@ phases compute; the tests check them against hand computations.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional
 
 import torch
@@ -54,11 +54,16 @@ class TrainPhase:
 @dataclass(frozen=True)
 class EditContext:
     """What an edit reads besides the tensor: token counts per stream ([vocab] int64), the input embedding's
-    parameter name, the model's initializer range and a seed."""
+    parameter name, the model's initializer range and a seed. ``null_counts``: for an edit phase with
+    ``null_draws``, one (sample, rest) pair of [vocab] counts per draw: retain chunks drawn at random (seeded) until
+    they hold as many tokens as the forget stream, and the other retain chunks. ``notes``: what the edit reports
+    (written into the phase's ``phase.json``)."""
     token_counts: dict
     embedding: str
     init_std: float
     seed: int
+    null_counts: tuple = ()
+    notes: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class EditPhase:
     name: str
     edit: Callable[[str, torch.Tensor, EditContext], Optional[torch.Tensor]]
     statistics: tuple = ()
+    null_draws: int = 0
+    """Random retain samples the context carries (``EditContext.null_counts``); needs "forget" and "retain"."""
     kind: ClassVar[str] = "edit"
 
 

@@ -27,6 +27,39 @@ def test_token_ratio_and_selection_by_hand():
     assert not forget_specific_tokens(torch.tensor([1, 0]), torch.tensor([0, 0]), 1.5)[1]
 
 
+def test_null_lift_and_null_samples_by_hand():
+    """The null check: the selection's share of the forget tokens over the mean share the same rule selects in
+    random retain samples of the forget set's size; the samples are whole retain chunks, seeded."""
+    from datasets import Dataset
+    from dsunlearn.methods.phased import EditContext
+    from dsunlearn.methods.token_rows import edit_token_rows, null_lift
+    from dsunlearn.phases import chunk_counts, null_counts
+    forget, retain = torch.tensor([4, 0, 2, 2, 0]), torch.tensor([0, 10, 4, 1, 5])
+    # At tau 2.5 the forget selection is tokens 0 and 3: (4 + 2) / 8 of the forget tokens.
+    # Draw a: token 4 is (3/3) / ((2+1)/17) = 5.7, selected: all 3 of 3. Draw b: token 3 is (1/5) / ((0+1)/15) = 3,
+    # selected; token 4 (2/5) / ((3+1)/15) = 1.5 and the others are below: 1 of 5.
+    draw_a = (torch.tensor([0, 0, 0, 0, 3]), torch.tensor([0, 10, 4, 1, 2]))
+    draw_b = (torch.tensor([0, 1, 1, 1, 2]), torch.tensor([0, 9, 3, 0, 3]))
+    ctx = EditContext(token_counts={"forget": forget, "retain": retain}, embedding="e", init_std=0.02, seed=0,
+                      null_counts=(draw_a, draw_b))
+    got = null_lift(ctx, 2.5)
+    assert got["forget_token_share"] == 0.75 and got["null_token_share"] == pytest.approx((1 + 1 / 5) / 2)
+    assert got["lift"] == pytest.approx(0.75 / 0.6)
+    emb = torch.arange(10.0).reshape(5, 2)
+    assert edit_token_rows("e", emb, ctx, 2.5, min_null_lift=1.5) is None  # 1.25 < 1.5: no row edited
+    assert ctx.notes["edited"] is False and ctx.notes["rows_selected"] == 2 and ctx.notes["min_null_lift"] == 1.5
+    edited = edit_token_rows("e", emb, ctx, 2.5, min_null_lift=1.2)
+    assert ctx.notes["edited"] is True and torch.equal(edited, mean_rows(emb, torch.tensor([1, 0, 0, 1, 0]).bool()))
+    assert edit_token_rows("other", emb, ctx, 2.5, min_null_lift=1.2) is None  # only the input embedding
+    chunks = Dataset.from_dict({"input_ids": [[1, 1, 2], [3], [4, 4, 4, 4], [2, 1], [0, 4]]})
+    total = chunk_counts(chunks, 5)
+    assert total.tolist() == [1, 3, 2, 1, 5]
+    draws = null_counts(chunks, 4, total, draws=3, seed=7, vocab=5)
+    for sample, rest in draws:
+        assert torch.equal(sample + rest, total) and 4 <= int(sample.sum()) < 4 + 4  # whole chunks, just enough
+    assert [d[0].tolist() for d in draws] == [d[0].tolist() for d in null_counts(chunks, 4, total, 3, 7, 5)]
+
+
 def test_mean_rows_negate_and_noise_by_hand():
     emb = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]])
     out = mean_rows(emb, torch.tensor([True, False, False]))
@@ -128,7 +161,8 @@ def _token_counts(path: str, vocab: int, tokenizer_dir: str, seq_len: int = 64) 
 
 
 def test_token_rows_edits_exactly_the_forget_specific_rows(toy_world, tmp_path):
-    run = _run(toy_world, tmp_path, "rows", {"name": "token_rows", "params": {"token_threshold": 2.0}})
+    run = _run(toy_world, tmp_path, "rows", {"name": "token_rows", "params": {"token_threshold": 2.0,
+                                                                              "min_null_lift": 0}})
     before, after = _weights(Path(toy_world["model"])), _weights(run / "model")
     emb = "model.embed_tokens.weight"
     vocab = before[emb].shape[0]
@@ -144,6 +178,7 @@ def test_token_rows_edits_exactly_the_forget_specific_rows(toy_world, tmp_path):
     assert metrics["exported_step"] == 0 and metrics["cost"]["phases"][0]["phase"] == "rows"
     record = json.loads((run / "phases" / "1-rows" / "phase.json").read_text())
     assert record["kind"] == "edit" and record["flops"] == 0 and record["boundary_bytes"] > 0
+    assert record["notes"] == {"rows_selected": int(rows.sum()), "edited": True}
 
 
 def test_task_vector_is_the_negated_fine_tune(toy_world, tmp_path):
@@ -163,9 +198,17 @@ def test_task_vector_is_the_negated_fine_tune(toy_world, tmp_path):
 
 
 def test_negate_repair_repairs_from_the_negated_boundary(toy_world, tmp_path):
+    # The default null check: the rows phase records the selection against random retain text and edits the
+    # embedding exactly when the lift reaches 2 (the hand test covers both branches on known counts).
     run = _run(toy_world, tmp_path, "nr", {"name": "negate_repair",
                                            "params": {"token_threshold": 2.0, "fit_steps": 2, "fit_batch": 4}})
     rows, fit, negated = (_weights(run / "phases" / d / "model") for d in ("1-rows", "2-fit", "3-negate"))
+    theta0 = _weights(Path(toy_world["model"]))
+    notes = json.loads((run / "phases" / "1-rows" / "phase.json").read_text())["notes"]
+    assert notes["null_draws"] == 5 and notes["rows_selected"] > 0 and notes["min_null_lift"] == 2.0
+    assert notes["edited"] is (notes["lift"] >= 2.0), notes
+    changed = [k for k, v in theta0.items() if not torch.equal(rows[k], v)]
+    assert changed == (["model.embed_tokens.weight"] if notes["edited"] else []), notes
     for k in rows:  # the task vector is taken about the edited model, not theta_0
         assert torch.allclose(negated[k], rows[k] - 2.0 * (fit[k] - rows[k]), atol=1e-6), k
     metrics = json.loads((run / "metrics.json").read_text())
