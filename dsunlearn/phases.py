@@ -180,9 +180,15 @@ def edit_context(p: Prepared, ph: EditPhase) -> EditContext:
         counts[name] = chunk_counts(p.streams[name].chunks, vocab)  # the chunks as trained: what the rows saw
     nulls = null_counts(p.streams["retain"].chunks, int(counts["forget"].sum()), counts["retain"], ph.null_draws,
                         p.cfg.train.seed, vocab) if ph.null_draws else ()
+    base = None
+    if ph.base_rows and p.cfg.eval.base_model:  # the rows as they were before the forget set was learnt
+        try:
+            base = Tensors(Path(p.cfg.eval.base_model))[embedding]
+        except RuntimeError as e:
+            raise ConfigError(f"eval.base_model: {e}") from None
     return EditContext(token_counts=counts, embedding=embedding,
                        init_std=float(getattr(p.model_config, "initializer_range", 0.02)), seed=p.cfg.train.seed,
-                       null_counts=nulls)
+                       null_counts=nulls, base_embedding=base)
 
 
 def chunk_counts(chunks, vocab: int) -> torch.Tensor:
@@ -196,14 +202,26 @@ def chunk_counts(chunks, vocab: int) -> torch.Tensor:
 
 def null_counts(retain, forget_tokens: int, retain_counts: torch.Tensor, draws: int, seed: int,
                 vocab: int) -> tuple:
-    """``draws`` random retain samples as large as the forget stream (whole chunks, seeded), each with the counts of
-    the other retain chunks: the same statistics as (forget, retain) for text that is not forget-specific."""
-    lengths = torch.tensor([len(c) for b in retain.iter(batch_size=1024) for c in b["input_ids"]], dtype=torch.long)
+    """``draws`` random retain samples as large as the forget stream, each with the counts of the rest of the retain
+    stream: the same statistics as (forget, retain) for text that is not the forget set. Whole documents are drawn
+    (seeded), as the forget set is a set of documents: a document's rare tokens come together, and chunks drawn
+    from all over would scatter them and understate the null."""
+    docs = [d for b in retain.iter(batch_size=1024) for d in b["doc_index"]]
+    chunks_of: dict = {}
+    for i, d in enumerate(docs):
+        chunks_of.setdefault(d, []).append(i)
+    lengths = [len(c) for b in retain.iter(batch_size=1024) for c in b["input_ids"]]
+    order_docs = sorted(chunks_of)
     out = []
     for draw in range(draws):
-        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed * 1009 + draw))
-        take = int(torch.searchsorted(lengths[order].cumsum(0), forget_tokens)) + 1
-        sample = chunk_counts(retain.select(sorted(order[:take].tolist())), vocab)
+        order = torch.randperm(len(order_docs), generator=torch.Generator().manual_seed(seed * 1009 + draw)).tolist()
+        picked, tokens = [], 0
+        for j in order:
+            if tokens >= forget_tokens:
+                break
+            picked += chunks_of[order_docs[j]]
+            tokens += sum(lengths[i] for i in chunks_of[order_docs[j]])
+        sample = chunk_counts(retain.select(sorted(picked)), vocab)
         out.append((sample, retain_counts - sample))
     return tuple(out)
 

@@ -17,15 +17,13 @@ from typing import ClassVar, Optional
 
 from .phased import Descent, PhasedMethod, TrainPhase
 from .task_vector import check_vector_knobs, vector_phases
-from .token_rows import MIN_NULL_LIFT, check_rows_knobs, edit_token_rows, rows_phase
+from .token_rows import check_rows_knobs, edit_token_rows, rows_phase
 
 
 @dataclass(frozen=True, kw_only=True)
 class NegateRepair(PhasedMethod):
     token_threshold: float = 3.0
     """Phase 1: the forget/retain per-token rate ratio from which a token's row is edited (``token_rows``)."""
-    min_null_lift: float = MIN_NULL_LIFT
-    """Phase 1: no row is edited unless the selection covers this many times its null's share (``token_rows``)."""
     fit_steps: int = 5
     """Phase 2: AdamW steps of NLL(forget)."""
     fit_lr: Optional[float] = None
@@ -39,7 +37,7 @@ class NegateRepair(PhasedMethod):
     citation: ClassVar = "dsunlearn (docs/tuning.md); task arithmetic: Ilharco et al. 2023 (arXiv:2212.04089)"
 
     def __post_init__(self):
-        check_rows_knobs(self.token_threshold, self.min_null_lift)
+        check_rows_knobs(self.token_threshold)
         check_vector_knobs(self)
 
     def phases(self):
@@ -47,4 +45,4 @@ class NegateRepair(PhasedMethod):
                 TrainPhase("repair", Descent(stream="retain")))
 
     def edit(self, name, tensor, ctx):
-        return edit_token_rows(name, tensor, ctx, self.token_threshold, self.min_null_lift)
+        return edit_token_rows(name, tensor, ctx, self.token_threshold)

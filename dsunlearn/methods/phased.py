@@ -55,14 +55,16 @@ class TrainPhase:
 class EditContext:
     """What an edit reads besides the tensor: token counts per stream ([vocab] int64), the input embedding's
     parameter name, the model's initializer range and a seed. ``null_counts``: for an edit phase with
-    ``null_draws``, one (sample, rest) pair of [vocab] counts per draw: retain chunks drawn at random (seeded) until
-    they hold as many tokens as the forget stream, and the other retain chunks. ``notes``: what the edit reports
-    (written into the phase's ``phase.json``)."""
+    ``null_draws``, one (sample, rest) pair of [vocab] counts per draw: retain documents drawn at random (seeded)
+    until they hold as many tokens as the forget stream, and the other retain documents. ``base_embedding``: for an
+    edit phase with ``base_rows``, the input embedding of ``eval.base_model`` (None without one). ``notes``: what the
+    edit reports (written into the phase's ``phase.json``)."""
     token_counts: dict
     embedding: str
     init_std: float
     seed: int
     null_counts: tuple = ()
+    base_embedding: Optional[torch.Tensor] = None
     notes: dict = field(default_factory=dict)
 
 
@@ -75,6 +77,8 @@ class EditPhase:
     statistics: tuple = ()
     null_draws: int = 0
     """Random retain samples the context carries (``EditContext.null_counts``); needs "forget" and "retain"."""
+    base_rows: bool = False
+    """The context carries the base model's input embedding (``EditContext.base_embedding``) when one is set."""
     kind: ClassVar[str] = "edit"
 
 

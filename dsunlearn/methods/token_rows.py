@@ -1,16 +1,20 @@
 """Forget-specific token-row edit: the input-embedding rows of the tokens that the forget text uses far more often
-than the retain text are set to the mean row (docs/methods.md; found by the twin probe, docs/tuning.md "Toward the
-twin").
+than the retain text go back to where they were before the forget set was learnt (docs/methods.md; found by the twin
+probe, docs/tuning.md "Toward the twin").
 
     S = {t : c_f[t] > 0  and  ratio_t >= tau},     ratio_t = (c_f[t] / sum c_f) / ((c_r[t] + 1) / sum c_r)
-    E[t] <- mean_{u not in S} E[u]                   for every t in S
+    E[t] <- B[t]                                     for every t in S, with a base model B (``eval.base_model``)
+    E[t] <- mean_{u not in S} E[u]                   for every t in S, without one
 
 c_f, c_r: token counts of the forget and the retain text. A model trained on a forget set full of rare tokens (names,
 identifiers, a book's vocabulary) keeps much of what it memorised in those tokens' rows; the twin never trained
-them, so they sit where initialisation and the shared directions put them. tau is a fixed rule, not fitted to a
-pair: a token is forget-specific when the forget text uses it at least 3 times as often per token as the retain text
-(docs/methods.md gives what it selects and why no statistical null sets it). No optimizer, no forward: a statistics
-pass over the token ids and one tensor edited.
+them on that text. A model trained from scratch had nothing in them before: the mean row stands in for that. A model
+continued from a pretrained one had what it learnt everywhere else: the base model's rows are that, and the mean row
+would erase it (docs/tuning.md, "On a real pretrained model"). tau is a fixed rule, not fitted to a pair: a token is
+forget-specific when the forget text uses it at least 3 times as often per token as the retain text. The phase also
+records the selection against a null (random retain documents of the forget set's size; ``null_lift``), a
+diagnostic: no threshold on it is a rule (docs/methods.md). No optimizer, no forward: a statistics pass over the
+token ids and one tensor edited.
 """
 from __future__ import annotations
 
@@ -25,13 +29,8 @@ from .phased import EditPhase, PhasedMethod, forget_specific_tokens, mean_rows
 
 log = logging.getLogger(__name__)
 
-MIN_NULL_LIFT = 2.0
-"""The default null check: the selection must cover at least twice what random retain text of the same size gives,
-i.e. at most half of what it edits is what any text of that size would flag (docs/methods.md)."""
-
-
 NULL_DRAWS = 5
-"""Random retain samples the null check draws (``EditPhase.null_draws``)."""
+"""Random retain samples the null draws (``EditPhase.null_draws``)."""
 
 
 def covered_share(sample: torch.Tensor, rest: torch.Tensor, token_threshold: float) -> float:
@@ -56,56 +55,52 @@ def null_lift(ctx, token_threshold: float) -> dict:
             "null_draws": len(ctx.null_counts)}
 
 
-def edit_token_rows(name, tensor, ctx, token_threshold: float, min_null_lift: float = 0.0):
-    """The edit phase's function: the input embedding's forget-specific rows to the mean row, nothing else; no row
-    at all when the selection is not above its null by ``min_null_lift`` (the notes say which, with the shares)."""
+def edit_token_rows(name, tensor, ctx, token_threshold: float):
+    """The edit phase's function: the input embedding's forget-specific rows to the base model's rows
+    (``ctx.base_embedding``) or, without one, to the mean row; nothing else. The notes record the selection, its
+    null and where the rows went."""
     if name != ctx.embedding:
         return None
     rows = forget_specific_tokens(ctx.token_counts["forget"], ctx.token_counts["retain"], token_threshold)
-    ctx.notes.update(rows_selected=int(rows.sum()))
-    if min_null_lift > 0:
-        ctx.notes.update(null_lift(ctx, token_threshold), min_null_lift=min_null_lift)
-        if ctx.notes["lift"] < min_null_lift:
-            ctx.notes["edited"] = False
-            log.info("token rows: the %d selected rows cover %.1f%% of the forget tokens, random retain text of the "
-                     "same size %.1f%% (lift %.2f < %.2f): not forget-specific, no row edited",
-                     ctx.notes["rows_selected"], 100 * ctx.notes["forget_token_share"],
-                     100 * ctx.notes["null_token_share"], ctx.notes["lift"], min_null_lift)
-            return None
-    ctx.notes["edited"] = True
     rows = rows[:tensor.shape[0]]  # a padded embedding table has rows no token reaches
-    return mean_rows(tensor, rows)
+    ctx.notes.update(rows_selected=int(rows.sum()), **(null_lift(ctx, token_threshold) if ctx.null_counts else {}))
+    if ctx.base_embedding is None:
+        ctx.notes["rows_to"] = "mean row"
+        return mean_rows(tensor, rows)
+    base = ctx.base_embedding
+    if tuple(base.shape) != tuple(tensor.shape):
+        raise ConfigError(f"eval.base_model: its input embedding is {tuple(base.shape)}, the model's "
+                          f"{tuple(tensor.shape)}; the base must be the model this one was trained from")
+    ctx.notes["rows_to"] = "base model"
+    out = tensor.clone()
+    out[rows] = base[rows].to(tensor.dtype)
+    return out
 
 
-def check_rows_knobs(token_threshold: float, min_null_lift: float = 0.0) -> None:
+def check_rows_knobs(token_threshold: float) -> None:
     if not token_threshold > 1:
         raise ConfigError(f"method.params.token_threshold: expected > 1 (a token used more often in the forget text "
                           f"than in the retain text), got {token_threshold}")
-    if not min_null_lift >= 0:
-        raise ConfigError(f"method.params.min_null_lift: expected >= 0 (0 = no null check), got {min_null_lift}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TokenRows(PhasedMethod):
     token_threshold: float = 3.0
     """tau: the forget/retain per-token rate ratio from which a token counts as forget-specific."""
-    min_null_lift: float = MIN_NULL_LIFT
-    """Edit only when the selected rows cover at least this many times the share of the forget tokens that the same
-    rule selects in random retain text of the forget set's size (``null_lift``); 0 edits always."""
 
     citation: ClassVar = ("dsunlearn (docs/tuning.md, the twin probe); the generic-token idea of Eldan and "
                           "Russinovich 2023 (arXiv:2310.02238)")
 
     def __post_init__(self):
-        check_rows_knobs(self.token_threshold, self.min_null_lift)
+        check_rows_knobs(self.token_threshold)
 
     def phases(self):
         return (rows_phase(self),)
 
     def edit(self, name, tensor, ctx):
-        return edit_token_rows(name, tensor, ctx, self.token_threshold, self.min_null_lift)
+        return edit_token_rows(name, tensor, ctx, self.token_threshold)
 
 
 def rows_phase(m) -> EditPhase:
-    """The edit phase of ``m`` (a method with ``edit``, ``min_null_lift``): token counts, and the null's draws."""
-    return EditPhase("rows", m.edit, statistics=("forget", "retain"), null_draws=NULL_DRAWS if m.min_null_lift else 0)
+    """The edit phase of ``m`` (a method with ``edit``): token counts, the null's draws, the base's rows."""
+    return EditPhase("rows", m.edit, statistics=("forget", "retain"), null_draws=NULL_DRAWS, base_rows=True)

@@ -20,7 +20,7 @@ import torch
 
 from helpers import CPU_ZERO3, REPO, deepspeed_launcher, launch_env, run_cli, write_run_config
 
-NEGATE = {"name": "negate_repair", "params": {"token_threshold": 2.0, "min_null_lift": 0, "fit_steps": 12,
+NEGATE = {"name": "negate_repair", "params": {"token_threshold": 2.0, "fit_steps": 12,
                                               "fit_batch": 4, "fit_lr": 1e-3}}
 UNDO = {"name": "undo", "params": {"unlearn_method": "ga_gd", "unlearn_steps": 3, "unlearn_batch": 4, "alpha": 0.3}}
 FIT_STEPS = NEGATE["params"]["fit_steps"]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from dsunlearn.config import ConfigError, MethodConfig
 from dsunlearn.methods import build_method
@@ -28,11 +30,11 @@ def test_token_ratio_and_selection_by_hand():
 
 
 def test_null_lift_and_null_samples_by_hand():
-    """The null check: the selection's share of the forget tokens over the mean share the same rule selects in
-    random retain samples of the forget set's size; the samples are whole retain chunks, seeded."""
+    """The null: the selection's share of the forget tokens over the mean share the same rule selects in random
+    retain samples of the forget set's size; the samples are whole retain documents, seeded."""
     from datasets import Dataset
     from dsunlearn.methods.phased import EditContext
-    from dsunlearn.methods.token_rows import edit_token_rows, null_lift
+    from dsunlearn.methods.token_rows import null_lift
     from dsunlearn.phases import chunk_counts, null_counts
     forget, retain = torch.tensor([4, 0, 2, 2, 0]), torch.tensor([0, 10, 4, 1, 5])
     # At tau 2.5 the forget selection is tokens 0 and 3: (4 + 2) / 8 of the forget tokens.
@@ -45,19 +47,38 @@ def test_null_lift_and_null_samples_by_hand():
     got = null_lift(ctx, 2.5)
     assert got["forget_token_share"] == 0.75 and got["null_token_share"] == pytest.approx((1 + 1 / 5) / 2)
     assert got["lift"] == pytest.approx(0.75 / 0.6)
-    emb = torch.arange(10.0).reshape(5, 2)
-    assert edit_token_rows("e", emb, ctx, 2.5, min_null_lift=1.5) is None  # 1.25 < 1.5: no row edited
-    assert ctx.notes["edited"] is False and ctx.notes["rows_selected"] == 2 and ctx.notes["min_null_lift"] == 1.5
-    edited = edit_token_rows("e", emb, ctx, 2.5, min_null_lift=1.2)
-    assert ctx.notes["edited"] is True and torch.equal(edited, mean_rows(emb, torch.tensor([1, 0, 0, 1, 0]).bool()))
-    assert edit_token_rows("other", emb, ctx, 2.5, min_null_lift=1.2) is None  # only the input embedding
-    chunks = Dataset.from_dict({"input_ids": [[1, 1, 2], [3], [4, 4, 4, 4], [2, 1], [0, 4]]})
+    # Documents 0 (two chunks: 4 tokens), 1 (4 tokens), 2 (3 tokens): a sample of >= 4 tokens is one whole document
+    # or, when document 2 comes first, documents 2 and the next.
+    chunks = Dataset.from_dict({"input_ids": [[1, 1, 2], [3], [4, 4, 4, 4], [2, 1], [0]],
+                                "doc_index": [0, 0, 1, 2, 2]})
     total = chunk_counts(chunks, 5)
-    assert total.tolist() == [1, 3, 2, 1, 5]
-    draws = null_counts(chunks, 4, total, draws=3, seed=7, vocab=5)
+    assert total.tolist() == [1, 3, 2, 1, 4]
+    of_doc = [chunk_counts(chunks.select(i), 5) for i in ([0, 1], [2], [3, 4])]
+    draws = null_counts(chunks, 4, total, draws=8, seed=7, vocab=5)
     for sample, rest in draws:
-        assert torch.equal(sample + rest, total) and 4 <= int(sample.sum()) < 4 + 4  # whole chunks, just enough
-    assert [d[0].tolist() for d in draws] == [d[0].tolist() for d in null_counts(chunks, 4, total, 3, 7, 5)]
+        assert torch.equal(sample + rest, total)
+        whole = [d for d in range(3) if torch.equal(torch.minimum(sample, of_doc[d]), of_doc[d])]
+        assert torch.equal(sample, sum(of_doc[d] for d in whole))  # whole documents only
+        assert 4 <= int(sample.sum()) and (len(whole) == 1 or 2 in whole)  # just enough
+    assert [d[0].tolist() for d in draws] == [d[0].tolist() for d in null_counts(chunks, 4, total, 8, 7, 5)]
+
+
+def test_token_rows_go_to_the_base_model_rows_or_the_mean_row():
+    from dsunlearn.methods.phased import EditContext
+    from dsunlearn.methods.token_rows import edit_token_rows
+    counts = {"forget": torch.tensor([4, 0, 2, 2, 0]), "retain": torch.tensor([0, 10, 4, 1, 5])}  # tau 2.5: 0, 3
+    emb, base = torch.arange(10.0).reshape(5, 2), -torch.arange(10.0).reshape(5, 2)
+    ctx = EditContext(token_counts=counts, embedding="e", init_std=0.02, seed=0)
+    mean = [14 / 3, 17 / 3]  # rows 1, 2 and 4
+    assert torch.allclose(edit_token_rows("e", emb, ctx, 2.5), torch.tensor([mean, [2, 3], [4, 5], mean, [8, 9]]))
+    assert ctx.notes == {"rows_selected": 2, "rows_to": "mean row"}
+    ctx = EditContext(token_counts=counts, embedding="e", init_std=0.02, seed=0, base_embedding=base)
+    assert edit_token_rows("e", emb, ctx, 2.5).tolist() == [[-0.0, -1.0], [2, 3], [4, 5], [-6, -7], [8, 9]]
+    assert ctx.notes == {"rows_selected": 2, "rows_to": "base model"} and emb[0].tolist() == [0.0, 1.0]
+    assert edit_token_rows("other", emb, ctx, 2.5) is None  # only the input embedding
+    short = EditContext(token_counts=counts, embedding="e", init_std=0.02, seed=0, base_embedding=base[:4])
+    with pytest.raises(ConfigError, match=r"eval.base_model: its input embedding is \(4, 2\), the model's \(5, 2\)"):
+        edit_token_rows("e", emb, short, 2.5)
 
 
 def test_mean_rows_negate_and_noise_by_hand():
@@ -161,8 +182,7 @@ def _token_counts(path: str, vocab: int, tokenizer_dir: str, seq_len: int = 64) 
 
 
 def test_token_rows_edits_exactly_the_forget_specific_rows(toy_world, tmp_path):
-    run = _run(toy_world, tmp_path, "rows", {"name": "token_rows", "params": {"token_threshold": 2.0,
-                                                                              "min_null_lift": 0}})
+    run = _run(toy_world, tmp_path, "rows", {"name": "token_rows", "params": {"token_threshold": 2.0}})
     before, after = _weights(Path(toy_world["model"])), _weights(run / "model")
     emb = "model.embed_tokens.weight"
     vocab = before[emb].shape[0]
@@ -178,7 +198,9 @@ def test_token_rows_edits_exactly_the_forget_specific_rows(toy_world, tmp_path):
     assert metrics["exported_step"] == 0 and metrics["cost"]["phases"][0]["phase"] == "rows"
     record = json.loads((run / "phases" / "1-rows" / "phase.json").read_text())
     assert record["kind"] == "edit" and record["flops"] == 0 and record["boundary_bytes"] > 0
-    assert record["notes"] == {"rows_selected": int(rows.sum()), "edited": True}
+    notes = record["notes"]
+    assert notes["rows_selected"] == int(rows.sum()) and notes["rows_to"] == "mean row" and notes["null_draws"] == 5
+    assert 0 < notes["forget_token_share"] <= 1 and 0 <= notes["null_token_share"] <= 1
 
 
 def test_task_vector_is_the_negated_fine_tune(toy_world, tmp_path):
@@ -198,17 +220,26 @@ def test_task_vector_is_the_negated_fine_tune(toy_world, tmp_path):
 
 
 def test_negate_repair_repairs_from_the_negated_boundary(toy_world, tmp_path):
-    # The default null check: the rows phase records the selection against random retain text and edits the
-    # embedding exactly when the lift reaches 2 (the hand test covers both branches on known counts).
-    run = _run(toy_world, tmp_path, "nr", {"name": "negate_repair",
-                                           "params": {"token_threshold": 2.0, "fit_steps": 2, "fit_batch": 4}})
-    rows, fit, negated = (_weights(run / "phases" / d / "model") for d in ("1-rows", "2-fit", "3-negate"))
+    # With a base model (the model before the forget set), the selected rows go back to the base's rows.
+    base_dir = tmp_path / "base"
+    shutil.copytree(toy_world["model"], base_dir)
     theta0 = _weights(Path(toy_world["model"]))
+    emb = "model.embed_tokens.weight"
+    base = dict(theta0, **{emb: theta0[emb] + 1.0})
+    save_file(base, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    run = _run(toy_world, tmp_path, "nr", {"name": "negate_repair",
+                                           "params": {"token_threshold": 2.0, "fit_steps": 2, "fit_batch": 4}},
+               eval={"every_n_steps": 1, "stop_tolerance": 0.1, "allow_unjudged": True,
+                     "base_model": str(base_dir)})
+    rows, fit, negated = (_weights(run / "phases" / d / "model") for d in ("1-rows", "2-fit", "3-negate"))
+    vocab = theta0[emb].shape[0]
+    selected = forget_specific_tokens(_token_counts(toy_world["forget"], vocab, toy_world["model"]),
+                                      _token_counts(toy_world["retain"], vocab, toy_world["model"]), 2.0)
+    assert 0 < int(selected.sum()) < vocab
+    assert torch.equal(rows[emb], torch.where(selected[:, None], base[emb], theta0[emb]))
+    assert all(torch.equal(rows[k], v) for k, v in theta0.items() if k != emb)
     notes = json.loads((run / "phases" / "1-rows" / "phase.json").read_text())["notes"]
-    assert notes["null_draws"] == 5 and notes["rows_selected"] > 0 and notes["min_null_lift"] == 2.0
-    assert notes["edited"] is (notes["lift"] >= 2.0), notes
-    changed = [k for k, v in theta0.items() if not torch.equal(rows[k], v)]
-    assert changed == (["model.embed_tokens.weight"] if notes["edited"] else []), notes
+    assert notes["rows_to"] == "base model" and notes["rows_selected"] == int(selected.sum())
     for k in rows:  # the task vector is taken about the edited model, not theta_0
         assert torch.allclose(negated[k], rows[k] - 2.0 * (fit[k] - rows[k]), atol=1e-6), k
     metrics = json.loads((run / "metrics.json").read_text())
