@@ -7,9 +7,11 @@
 # Sized for the 2-core CPU machine (~25 min per method): the training budget is 20 steps of 8 chunks, evaluated every
 # 10; the relearning audit fine-tunes 20 steps of 4 chunks at the pair's own learning rate only. On a GPU, run the
 # shipped configs as they are, with three rates: CPU_SIZE="--set audit.relearn_lr=[1e-5,3e-5,1e-4]" bash ...
-# A variant (run dir negate_repair_rules; docs/tuning.md: learning rates scaled to the pair's own, no row edit):
-#   VARIANT=rules EXTRA="--set method.params.token_threshold=1e9 --set method.params.fit_lr=3.3e-5 \
-#     --set train.lr=1e-5" bash benchmarks/smollm2_runs.sh runs/smollm2 .cache/smollm2_pair negate_repair
+# `dsunlearn demo --pair` applies the twin-free rules of docs/methods.md: train.lr a tenth of the pair's own rate
+# (fit_lr 10/3 of that), eval.base_model the pair's base (the target's natural gap; the token rows back to the base's).
+# The earlier variant (run dir negate_repair_rules: no row edit, before the base model was used):
+#   VARIANT=rules EXTRA="--set method.params.token_threshold=1e9" bash benchmarks/smollm2_runs.sh runs/smollm2 \
+#     .cache/smollm2_pair negate_repair
 set -e
 cd "$(dirname "$0")/.."
 OUT=$1; PAIR=$(cd "$2" && pwd); shift 2

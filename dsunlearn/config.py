@@ -196,7 +196,7 @@ class EvalConfig:
     pretraining started from): a user has it, a twin they do not. It measures how the forget text differs from the
     approximate text by nature: the "original_approximate" target moves by the base's forget - approximate loss gap,
     and without a twin the unseen-like attack levels are the base's attack AUCs instead of 0.5 (docs/evaluation.md,
-    "Without a twin")."""
+    "Without a twin"). The token-row edit (``token_rows``, ``negate_repair``) puts its rows back to the base's."""
     mia: bool = True
     """Run the membership-inference attacks (forget = members, approximate = non-members)."""
     split_check: bool = True

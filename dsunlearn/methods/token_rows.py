@@ -45,14 +45,19 @@ def null_lift(ctx, token_threshold: float) -> dict:
 
         lift = share(forget vs retain) / mean_d share(sample_d vs rest_d)
 
-    A rule that selects nothing in random text (null share 0) is infinitely above its null when it selects anything
-    in the forget text; a rule that selects nothing there has lift 0 (there is nothing to edit).
+    A draw is a fair stand-in only when the rest of the retain set is at least as large as the sample (the forget
+    set is measured against the whole retain set); with a retain set under twice the forget set's tokens the null
+    is not measured (``null_token_share`` and ``lift`` None, and why). ``lift`` is None too when the null selects
+    nothing (no ratio to give).
     """
     forget = covered_share(ctx.token_counts["forget"], ctx.token_counts["retain"], token_threshold)
-    null = sum(covered_share(a, b, token_threshold) for a, b in ctx.null_counts) / len(ctx.null_counts)
-    return {"forget_token_share": round(forget, 4), "null_token_share": round(null, 4),
-            "lift": round(forget / null, 3) if null > 0 else (float("inf") if forget > 0 else 0.0),
-            "null_draws": len(ctx.null_counts)}
+    fair = [(a, b) for a, b in ctx.null_counts if int(b.sum()) >= int(a.sum())]
+    out = {"forget_token_share": round(forget, 4), "null_draws": len(fair)}
+    if not fair:
+        return dict(out, null_token_share=None, lift=None,
+                    null="not measured: the retain set holds fewer than twice the forget set's tokens")
+    null = sum(covered_share(a, b, token_threshold) for a, b in fair) / len(fair)
+    return dict(out, null_token_share=round(null, 4), lift=round(forget / null, 3) if null > 0 else None)
 
 
 def edit_token_rows(name, tensor, ctx, token_threshold: float):

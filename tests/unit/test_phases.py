@@ -46,7 +46,11 @@ def test_null_lift_and_null_samples_by_hand():
                       null_counts=(draw_a, draw_b))
     got = null_lift(ctx, 2.5)
     assert got["forget_token_share"] == 0.75 and got["null_token_share"] == pytest.approx((1 + 1 / 5) / 2)
-    assert got["lift"] == pytest.approx(0.75 / 0.6)
+    assert got["lift"] == pytest.approx(0.75 / 0.6) and got["null_draws"] == 2
+    small = (torch.tensor([0, 0, 0, 0, 3]), torch.tensor([0, 1, 0, 0, 1]))  # its rest is smaller than the sample
+    ctx = EditContext(token_counts=ctx.token_counts, embedding="e", init_std=0.02, seed=0, null_counts=(small,))
+    got = null_lift(ctx, 2.5)
+    assert got["null_token_share"] is None and got["lift"] is None and got["null"].startswith("not measured")
     # Documents 0 (two chunks: 4 tokens), 1 (4 tokens), 2 (3 tokens): a sample of >= 4 tokens is one whole document
     # or, when document 2 comes first, documents 2 and the next.
     chunks = Dataset.from_dict({"input_ids": [[1, 1, 2], [3], [4, 4, 4, 4], [2, 1], [0]],
@@ -186,8 +190,8 @@ def test_token_rows_edits_exactly_the_forget_specific_rows(toy_world, tmp_path):
     before, after = _weights(Path(toy_world["model"])), _weights(run / "model")
     emb = "model.embed_tokens.weight"
     vocab = before[emb].shape[0]
-    rows = forget_specific_tokens(_token_counts(toy_world["forget"], vocab, toy_world["model"]),
-                                  _token_counts(toy_world["retain"], vocab, toy_world["model"]), 2.0)
+    forget_counts = _token_counts(toy_world["forget"], vocab, toy_world["model"])
+    rows = forget_specific_tokens(forget_counts, _token_counts(toy_world["retain"], vocab, toy_world["model"]), 2.0)
     assert 0 < int(rows.sum()) < vocab
     want = before[emb].clone()
     want[rows] = before[emb][~rows].double().mean(0).to(want.dtype)
@@ -199,8 +203,10 @@ def test_token_rows_edits_exactly_the_forget_specific_rows(toy_world, tmp_path):
     record = json.loads((run / "phases" / "1-rows" / "phase.json").read_text())
     assert record["kind"] == "edit" and record["flops"] == 0 and record["boundary_bytes"] > 0
     notes = record["notes"]
-    assert notes["rows_selected"] == int(rows.sum()) and notes["rows_to"] == "mean row" and notes["null_draws"] == 5
-    assert 0 < notes["forget_token_share"] <= 1 and 0 <= notes["null_token_share"] <= 1
+    assert notes["rows_selected"] == int(rows.sum()) and notes["rows_to"] == "mean row"
+    assert notes["forget_token_share"] == pytest.approx(float(forget_counts[rows].sum() / forget_counts.sum()),
+                                                        abs=1e-4)
+    assert (notes["null_token_share"] is None) == (notes["null_draws"] == 0)  # the null's math: the hand test
 
 
 def test_task_vector_is_the_negated_fine_tune(toy_world, tmp_path):
