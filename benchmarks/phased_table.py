@@ -24,9 +24,14 @@ from twin_table import GOAL, _f, finish_pareto, point_row  # noqa: E402
 
 
 def relearn(run_dir: Path) -> str:
-    try:
-        audit = json.loads((run_dir / "metrics.json").read_text())["audits"]["relearn"]
-    except (OSError, ValueError, KeyError, TypeError):
+    """The run's own relearning audit, else one run afterwards into ``<run>_audit`` (``dsunlearn audit --out``)."""
+    for source in (run_dir, run_dir.with_name(run_dir.name + "_audit")):
+        try:
+            audit = json.loads((source / "metrics.json").read_text())["audits"]["relearn"]
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    else:
         return "–"
     steps = lambda s: "–" if s is None else str(s)  # noqa: E731
     worst = f"{steps(audit['model_steps_to_relearn'])} vs {steps(audit['baseline_steps_to_relearn'])}"
