@@ -206,11 +206,14 @@ def null_counts(retain, forget_tokens: int, retain_counts: torch.Tensor, draws: 
     stream: the same statistics as (forget, retain) for text that is not the forget set. Whole documents are drawn
     (seeded), as the forget set is a set of documents: a document's rare tokens come together, and chunks drawn
     from all over would scatter them and understate the null."""
-    docs = [d for b in retain.iter(batch_size=1024) for d in b["doc_index"]]
-    chunks_of: dict = {}
-    for i, d in enumerate(docs):
-        chunks_of.setdefault(d, []).append(i)
-    lengths = [len(c) for b in retain.iter(batch_size=1024) for c in b["input_ids"]]
+    chunks_of: dict = {}  # document -> its chunk indices, and its token count: one pass over the stream
+    tokens_of: dict = {}
+    i = 0
+    for batch in retain.iter(batch_size=1024):
+        for d, ids in zip(batch["doc_index"], batch["input_ids"]):
+            chunks_of.setdefault(d, []).append(i)
+            tokens_of[d] = tokens_of.get(d, 0) + len(ids)
+            i += 1
     order_docs = sorted(chunks_of)
     out = []
     for draw in range(draws):
@@ -220,7 +223,7 @@ def null_counts(retain, forget_tokens: int, retain_counts: torch.Tensor, draws: 
             if tokens >= forget_tokens:
                 break
             picked += chunks_of[order_docs[j]]
-            tokens += sum(lengths[i] for i in chunks_of[order_docs[j]])
+            tokens += tokens_of[order_docs[j]]
         sample = chunk_counts(retain.select(sorted(picked)), vocab)
         out.append((sample, retain_counts - sample))
     return tuple(out)

@@ -18,7 +18,6 @@ token ids and one tensor edited.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,8 +25,6 @@ import torch
 
 from ..config import ConfigError
 from .phased import EditPhase, PhasedMethod, forget_specific_tokens, mean_rows
-
-log = logging.getLogger(__name__)
 
 NULL_DRAWS = 5
 """Random retain samples the null draws (``EditPhase.null_draws``)."""
