@@ -8,6 +8,8 @@
 #   bash benchmarks/phased_runs.sh runs/phased1 .cache/pair_s1 .cache/demo_world_s1/world                # seed-1 pair
 # then: python benchmarks/phased_table.py --runs runs/phased0 --label committed --runs runs/phased1 --label seed-1 \
 #   --plot docs/img/phased_pareto.png
+# EXTRA: more --set arguments for every run; VARIANT: a suffix of the run names (runs OUT/METHOD_VARIANT), e.g.
+#   VARIANT=keep EXTRA="--set method.params.keep_off_negation=true" bash benchmarks/phased_runs.sh ... negate_repair
 set -e
 cd "$(dirname "$0")/.."
 OUT=$1; PAIR=$(cd "$2" && pwd); WORLD=$(cd "$3" && pwd); shift 3
@@ -19,9 +21,10 @@ TOKENS=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['models']['
 for M in $METHODS; do
   CONFIG=dsunlearn/configs/$M.json; [ "$M" = simnpo ] && CONFIG=dsunlearn/configs/demo_simnpo.json
   $PY -m dsunlearn unlearn --config $CONFIG --zero ds_configs/zero3_cpu_test.json --overwrite \
-    --set output.run_dir=$OUT/$M --set model.path=$PAIR/original --set eval.retrained_model=$PAIR/retrained \
+    --set output.run_dir=$OUT/$M${VARIANT:+_$VARIANT} --set model.path=$PAIR/original --set eval.retrained_model=$PAIR/retrained \
     --set data.forget=$WORLD/forget.jsonl --set data.retain=$WORLD/retain.jsonl \
     --set data.approximate=$WORLD/approximate.jsonl --set data.general=$WORLD/general.jsonl \
     --set cost.pretrain_tokens=$TOKENS --set eval.max_chunks=64 --set 'eval.audits=["relearn"]' \
-    --set audit.relearn_steps=20 --set 'audit.relearn_lr=[1e-4, 3e-4, 1e-3]' > $OUT.$M.log 2>&1 || echo "$M: exit $?"
+    --set audit.relearn_steps=20 --set 'audit.relearn_lr=[1e-4, 3e-4, 1e-3]' $EXTRA \
+    > $OUT.$M${VARIANT:+_$VARIANT}.log 2>&1 || echo "$M: exit $?"
 done

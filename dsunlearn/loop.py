@@ -65,6 +65,7 @@ class Run:
     """A phased method's earlier phases (``phases.py`` records): their FLOPs are in the cost."""
     release_memo_steps: int = RELEASE_MEMO_STEPS
     """Steps left that clear the ZeRO-3 release memo first (``RELEASE_MEMO_STEPS``); reset after every evaluation."""
+    after_step: Any = None  # called after every optimizer step (keep_off.KeepOff: a phase kept off a direction)
 
 
 def plan_cost(run: Run, state: RunState) -> dict:
@@ -158,17 +159,17 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
     write_run_files(p, zero_path, resume)
     if chain is not None and not resume:
         C.write_chain(run_dir, chain)
-    engine_p, earlier = p, ()
+    engine_p, earlier, boundaries, phased_method = p, (), {}, p.method
     if phased:  # the earlier phases, each to a boundary; the rest of this function is the last phase
         try:
-            p, engine_p, earlier, phase = P.run_phased(p, zero_path, resume, unlearn)
+            p, engine_p, earlier, phase, boundaries = P.run_phased(p, zero_path, resume, unlearn)
         except P.PhaseStopped as e:
             log.error("%s", e)
             return e.exit_code
-    run = build_run(engine_p, reference_factory)
-    run.cfg, run.earlier = cfg, earlier
-    state = RunState()
     resume = resume and has_checkpoint(run_dir)  # a phased run killed in an earlier phase starts its last afresh
+    run = build_run(engine_p, reference_factory)
+    run.cfg, run.earlier, run.after_step = cfg, earlier, P.keep_off_hook(phased_method, boundaries, run.engine, resume)
+    state = RunState()
     if resume:
         resume_from_checkpoint(run.engine, run_dir, state)
     pretraining = p.method.streams[:1] == ("train",)
@@ -209,23 +210,21 @@ def train(run: Run, state: RunState, num_steps: int, logger: RunLogger, evaluato
     run.engine.train()
     while state.step < num_steps:
         record = train_step(run, state.step)
+        if run.after_step is not None and not record["stop"]:
+            run.after_step()
         if record["stop"]:
             state.stop_reason = record["stop"]
             if E.is_main():
                 log.error("stopping at step %d: %s", state.step + 1, state.stop_reason)
-            weights_ok = restore_last_good(run.engine, run_dir, state) if record.get("weights_corrupt") else True
-            return EXIT_DIVERGED, weights_ok
+            return EXIT_DIVERGED, (restore_last_good(run.engine, run_dir, state) if record.get("weights_corrupt")
+                                   else True)
         state.step += 1
         state.tokens += int(round(record["tokens_per_s"] * record["step_seconds"]))
         state.seconds += record["step_seconds"]
-        if record["skipped"]:
-            state.skipped_steps += 1
-            state.consecutive_skips += 1
-            if E.is_main():
-                log.warning("step %d skipped: non-finite gradient (weights and optimizer states unchanged)",
-                            state.step)
-        else:
-            state.consecutive_skips = 0
+        state.skipped_steps += record["skipped"]
+        state.consecutive_skips = state.consecutive_skips + 1 if record["skipped"] else 0
+        if record["skipped"] and E.is_main():
+            log.warning("step %d skipped: non-finite gradient (weights and optimizer states unchanged)", state.step)
         logger.step({"step": state.step, **{k: v for k, v in record.items() if k != "stop"},
                      "skipped_steps": state.skipped_steps, "consecutive_skips": state.consecutive_skips})
         if cfg.guard.stop_on_nonfinite and state.consecutive_skips >= cfg.guard.max_consecutive_skips:

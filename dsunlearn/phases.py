@@ -32,6 +32,7 @@ import torch
 from . import engine as E
 from .config import AdapterConfig, ConfigError, MethodConfig
 from .data import write_json_atomic
+from .keep_off import keep_off_hook  # noqa: F401  (the loop reads it here, with the rest of the phase machinery)
 from .methods import term_weights
 from .methods.phased import (INPUT, ArithmeticPhase, EditContext, EditPhase, PhasedMethod, TrainPhase, phase_lr)
 from .prepare import Prepared, plan_steps, with_model
@@ -62,6 +63,10 @@ def check(p: Prepared) -> bool:
     if cfg.adapter.rank > 0:
         raise ConfigError(f"adapter.rank={cfg.adapter.rank}: method {cfg.method.name!r} works in phases on the full "
                           f"weights (edits and task arithmetic need them); set adapter.rank=0")
+    for ph in method.earlier_phases():  # a method's own bug, not the user's: said before anything runs
+        if isinstance(ph, TrainPhase) and ph.keep_off is not None:
+            raise ConfigError(f"method {cfg.method.name!r}: phase {ph.name!r} keeps off a direction, which only the "
+                              f"run's own training (the last phase) can")
     for ph in method.phases():
         if isinstance(ph, TrainPhase) and ph.num_steps is not None and ph.global_batch % p.world_size:
             raise ConfigError(f"method.params: phase {ph.name!r} takes {ph.global_batch} chunks a step, not a "
@@ -76,14 +81,14 @@ def check(p: Prepared) -> bool:
     return True
 
 
-def run_phased(p: Prepared, zero_path: str, resume: bool, unlearn: Callable) -> tuple[Prepared, Prepared, list, str]:
+def run_phased(p: Prepared, zero_path: str, resume: bool, unlearn: Callable) -> tuple:
     """The earlier phases (``run_earlier_phases``; ``unlearn``: ``loop.unlearn``, which runs each train phase), then
     what the last phase needs: its prepared run, what its engines load (``final_prepared``), the earlier phases'
-    records (for the cost) and its name (for the log)."""
+    records (for the cost), its name (for the log) and the boundaries' directories (``keep_off``)."""
     earlier = run_earlier_phases(p, zero_path, resume, unlearn)
     E.reset_peak_memory()  # summary.json's peak is the last phase's
     run_p, engine_p = final_prepared(p, earlier)
-    return run_p, engine_p, earlier.records, p.method.final_phase().name
+    return run_p, engine_p, earlier.records, p.method.final_phase().name, earlier.boundaries
 
 
 def phase_dirs(run_dir: str, method: PhasedMethod) -> list[Path]:
@@ -285,7 +290,9 @@ def rewrite_phase(p: Prepared, ph, src: Path, dst: Path, boundaries: dict) -> di
     if isinstance(ph, ArithmeticPhase):
         from .methods.phased import negate
         base, moved = Tensors(Path(boundaries[ph.base])), Tensors(Path(boundaries[ph.moved]))
-        rewrite(src, dst, lambda name, t: negate(base[name], moved[name], ph.beta))
+        # In the dtype of the boundary it replaces: a bf16 engine writes bf16 boundaries after an fp32 input model
+        # (the negation itself is computed in fp32 at least).
+        rewrite(src, dst, lambda name, t: negate(base[name], moved[name], ph.beta).to(t.dtype))
         return {}
     raise TypeError(f"unknown phase kind {ph!r}")  # pragma: no cover - phased.py defines the kinds
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
+from ..config import ConfigError
 from .phased import Descent, PhasedMethod, TrainPhase
 from .task_vector import check_vector_knobs, vector_phases
 from .token_rows import check_rows_knobs, edit_token_rows, rows_phase
@@ -33,16 +34,24 @@ class NegateRepair(PhasedMethod):
     """Phase 2: forget chunks per step over all ranks."""
     beta: float = 2.0
     """Phase 3: the negation's scale."""
+    keep_off_negation: bool = True
+    """Phase 4: the repair's weights are kept off the direction the negation moved them (``TrainPhase.keep_off``
+    from the rows boundary to the negated one): after every step their component along it is removed, so the
+    repair restores what the retain text needs in every other direction but cannot climb back along the forget
+    task vector."""
 
     citation: ClassVar = "dsunlearn (docs/tuning.md); task arithmetic: Ilharco et al. 2023 (arXiv:2212.04089)"
 
     def __post_init__(self):
         check_rows_knobs(self.token_threshold)
         check_vector_knobs(self)
+        if not isinstance(self.keep_off_negation, bool):
+            raise ConfigError(f"method.params.keep_off_negation: expected true or false, got {self.keep_off_negation!r}")
 
     def phases(self):
         return (rows_phase(self), *vector_phases(self, start="rows"),
-                TrainPhase("repair", Descent(stream="retain")))
+                TrainPhase("repair", Descent(stream="retain"),
+                           keep_off=("rows", "negate") if self.keep_off_negation else None))
 
     def edit(self, name, tensor, ctx):
         return edit_token_rows(name, tensor, ctx, self.token_threshold)

@@ -48,6 +48,10 @@ class TrainPhase:
     schedule: str = "constant"
     teacher: Optional[str] = None
     """A boundary whose weights are the frozen reference of ``method`` (distillation); None: theta_0 as usual."""
+    keep_off: Optional[tuple] = None
+    """``(a, b)``, two earlier boundaries (the run's own training only): after every optimizer step the weights lose
+    their component along ``u = theta_a - theta_b``, measured from ``theta_b`` (``project_off``): the phase cannot
+    move back along the direction from a to b. None: unconstrained."""
     kind: ClassVar[str] = "train"
 
 
@@ -226,6 +230,20 @@ def negate(base: torch.Tensor, moved: torch.Tensor, beta: float) -> torch.Tensor
     """Task-vector negation: base - beta (moved - base), in fp32 at least."""
     dtype = torch.promote_types(base.dtype, torch.float32)
     return (base.to(dtype) - beta * (moved.to(dtype) - base.to(dtype))).to(base.dtype)
+
+
+def project_off(theta: dict, origin: dict, direction: dict) -> dict:
+    """The weights without their component along one direction of the whole weight space, measured from ``origin``
+    (every tensor together: one direction, not one per tensor).
+
+        theta <- theta - c u,    c = <theta - origin, u> / <u, u>     (sums over every tensor; c = 0 when u = 0)
+
+    What ``TrainPhase.keep_off`` applies after every optimizer step (``dsunlearn/keep_off.py``, on each rank's
+    partitions); this is the single-device reference the tests check it against."""
+    dot = sum(float(((theta[k].double() - origin[k].double()) * direction[k].double()).sum()) for k in theta)
+    norm_sq = sum(float((direction[k].double() ** 2).sum()) for k in theta)
+    c = dot / norm_sq if norm_sq > 0 else 0.0
+    return {k: (theta[k].double() - c * direction[k].double()).to(theta[k].dtype) for k in theta}
 
 
 def tensor_seed(seed: int, name: str) -> int:

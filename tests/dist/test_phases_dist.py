@@ -21,7 +21,7 @@ import torch
 from helpers import CPU_ZERO3, REPO, deepspeed_launcher, launch_env, run_cli, write_run_config
 
 NEGATE = {"name": "negate_repair", "params": {"token_threshold": 2.0, "fit_steps": 12,
-                                              "fit_batch": 4, "fit_lr": 1e-3}}
+                                              "fit_batch": 4, "fit_lr": 1e-3, "keep_off_negation": True}}
 UNDO = {"name": "undo", "params": {"unlearn_method": "ga_gd", "unlearn_steps": 3, "unlearn_batch": 4, "alpha": 0.3}}
 FIT_STEPS = NEGATE["params"]["fit_steps"]
 
@@ -66,6 +66,11 @@ def test_two_ranks_equal_one_rank_through_every_phase(runs, name):
     for p in phases:
         record = json.loads((two / "phases" / p / "phase.json").read_text())
         assert record["world_size"] == 2 and record["boundary_bytes"] > 0
+    if name == "negate":  # the repair was kept off the negation on each rank's partitions (keep_off.py)
+        rows, negated, out = (_weights(two / d) for d in ("phases/1-rows", "phases/3-negate", "."))
+        d = torch.cat([(out[k] - negated[k]).double().flatten() for k in out])
+        u = torch.cat([(rows[k] - negated[k]).double().flatten() for k in out])
+        assert d.norm() > 0 and abs(float(d @ u / (d.norm() * u.norm()))) < 1e-5
     if name == "undo":  # the distillation read the teacher boundary through a frozen ZeRO-3 engine
         assert json.loads((two / "reference.json").read_text())["reference"]["mode"] == "engine"
 

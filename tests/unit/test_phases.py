@@ -259,6 +259,62 @@ def test_negate_repair_repairs_from_the_negated_boundary(toy_world, tmp_path):
     assert cost["unlearning_flops"] == pytest.approx(cost["phases"][1]["flops"] + cost["flops_per_step"]["total"] * 2)
 
 
+def _cosine(theta: dict, origin: dict, toward: dict) -> float:
+    """cos(theta - origin, toward - origin) over the whole weight space."""
+    d = torch.cat([(theta[k] - origin[k]).double().flatten() for k in theta])
+    u = torch.cat([(toward[k] - origin[k]).double().flatten() for k in theta])
+    return float(d @ u / (d.norm() * u.norm()))
+
+
+def test_project_off_by_hand():
+    from dsunlearn.methods.phased import project_off
+    theta = {"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([[2.0]])}
+    origin = {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([[0.0]])}
+    u = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([[1.0]])}
+    # <theta - origin, u> = 2*1 + 0*0 + 2*1 = 4; <u, u> = 2; c = 2: theta - 2u
+    got = project_off(theta, origin, u)
+    assert torch.equal(got["a"], torch.tensor([1.0, 1.0])) and torch.equal(got["b"], torch.tensor([[0.0]]))
+    zero = {"a": torch.zeros(2), "b": torch.zeros(1, 1)}
+    assert all(torch.equal(project_off(theta, origin, zero)[k], theta[k]) for k in theta)  # u = 0: unchanged
+
+
+@pytest.mark.parametrize("keep_off", [False, True])
+def test_negate_repair_keeps_the_repair_off_the_negation(toy_world, tmp_path, keep_off):
+    """keep_off_negation: every repair step ends without a component along the negation (rows -> negated), on the
+    engine's ZeRO-3 partitions. Without it the repair does move back along the negation."""
+    from dsunlearn.methods.phased import project_off
+    run = _run(toy_world, tmp_path, "keep", {"name": "negate_repair", "params": {
+        "token_threshold": 2.0, "fit_steps": 2, "fit_batch": 4, "keep_off_negation": keep_off}},
+        train={"num_steps": 3, "micro_batch_size": 2},
+        eval={"every_n_steps": 3, "stop_tolerance": 0.0, "allow_unjudged": True})
+    rows, negated, out = (_weights(p) for p in (run / "phases" / "1-rows" / "model",
+                                                 run / "phases" / "3-negate" / "model", run / "model"))
+    assert json.loads((run / "metrics.json").read_text())["exported_step"] == 3  # the repair took its steps
+    if not keep_off:
+        assert abs(_cosine(out, negated, rows)) > 1e-3
+        return
+    assert abs(_cosine(out, negated, rows)) < 1e-5
+    again = project_off(out, negated, {k: rows[k] - negated[k] for k in out})  # projecting twice changes nothing
+    assert all(torch.allclose(again[k], out[k], atol=1e-6) for k in out)
+
+
+def test_negate_repair_in_bf16_under_zero2(toy_world, tmp_path):
+    """ds_configs/zero2.json (bf16, ZeRO-2): the fit writes a bf16 boundary after the fp32 input, the negation keeps
+    that dtype, and the repair is kept off the negation on the full parameters and their fp32 masters (the residual
+    is bf16 rounding of the exported weights; unconstrained it is about 0.04 here)."""
+    from dsunlearn.cli import main
+    from helpers import REPO, write_run_config
+    run = tmp_path / "z2"
+    cfg = write_run_config(tmp_path / "z2.json", toy_world, run, method={"name": "negate_repair", "params": {
+        "token_threshold": 2.0, "fit_steps": 2, "fit_batch": 4}}, train={"num_steps": 3, "micro_batch_size": 2},
+        eval={"every_n_steps": 3, "stop_tolerance": 0.0, "allow_unjudged": True})
+    assert main(["unlearn", "--config", str(cfg), "--zero", str(REPO / "ds_configs" / "zero2.json")]) == 0
+    rows, negated, out = (_weights(p) for p in (run / "phases" / "1-rows" / "model",
+                                                 run / "phases" / "3-negate" / "model", run / "model"))
+    assert negated["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert abs(_cosine(out, negated, rows)) < 2e-3
+
+
 def test_undo_noises_the_teacher_and_distils_from_it(toy_world, tmp_path):
     run = _run(toy_world, tmp_path, "undo", {"name": "undo", "params": {
         "unlearn_method": "ga_gd", "unlearn_steps": 2, "unlearn_batch": 2, "alpha": 0.5, "noise_beta": 1.0}})
