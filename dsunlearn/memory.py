@@ -401,8 +401,11 @@ def _phases(counts: ModelCounts, adapter_params: int, ds_config: dict, world_siz
              "ZeRO buckets": states["buckets"], "theta_0 weights": theta0,
              "gathered weights (ZeRO-3)": gathered, "activations, logits, loss terms": transient["step"],
              "optimizer step temporaries": transient["optimizer_step"]}
-    resident = states["total"] - states["gathered_layer"] + theta0  # between steps: nothing gathered
-    built = resident - theta0 - moments  # Adam's moments appear at the first step
+    kept_off = transient.get("kept_off", 0)  # keep_off.KeepOff: its two fp32 copies of the trainable partition
+    if kept_off:
+        terms["kept-off direction and origin (keep_off)"] = kept_off
+    resident = states["total"] - states["gathered_layer"] + theta0 + kept_off  # between steps: nothing gathered
+    built = resident - theta0 - moments - kept_off  # Adam's moments appear at the first step; keep_off after it
     load = theta0 + width * counts.largest_layer if theta0 else 0  # partitions filled one gathered layer at a time
     passes = max(transient["theta0_pass"] if mode == "cache" else 0, transient.get("labels_pass", 0))
     passes += gathered if passes else 0  # a no-grad pass of the trained engine gathers its weights too
@@ -469,10 +472,11 @@ def relearn_audit_plan(p, activation_checkpointing: bool, eval_pass: Optional[in
     return AuditPlan(q, counts, transient)
 
 
-def plan_memory(p, device_memory: Optional[int] = None) -> dict:
+def plan_memory(p, device_memory: Optional[int] = None, kept_off: bool = False) -> dict:
     """The memory plan of a prepared run (``prepare.prepare``) on ``p.world_size`` devices: terms and phase peaks in
     bytes per device, with and without activation checkpointing; with ``device_memory``, whether it fits and the first
-    knob to turn when it does not."""
+    knob to turn when it does not. ``kept_off``: the run's training is kept off a direction (``TrainPhase.keep_off``),
+    which holds two fp32 copies of each device's share of the trainable weights."""
     cfg, method = p.cfg, p.method
     model = planned_model(p)
     counts = count_parameters(model)
@@ -506,6 +510,8 @@ def plan_memory(p, device_memory: Optional[int] = None) -> dict:
         if method.precomputed:
             transient["labels_pass"] = transient["theta0_pass"]
         transient["twin"] = bool(cfg.eval.retrained_model or cfg.eval.base_model)  # one frozen model at a time
+        if kept_off:
+            transient["kept_off"] = 8 * counts.trainable // (p.world_size if zero_stage(p.ds_config) == 3 else 1)
         terms, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, transient)
         if audit is not None:
             phases.update(audit.phases())
@@ -716,7 +722,8 @@ def plan_phases(p, zero_path: str, budget: Optional[int] = None) -> tuple[dict, 
             rows.append({"phase": ph.name, "kind": ph.kind, "steps": 0, "peak_bytes": None,
                          "where": "rank 0 host", "shards_in_memory": 2 if isinstance(ph, EditPhase) else 4})
     run_p, engine_p = final_prepared(p, Earlier(boundaries=boundaries))
-    plan = plan_memory(dataclasses.replace(engine_p, num_steps=run_p.num_steps), budget)
+    plan = plan_memory(dataclasses.replace(engine_p, num_steps=run_p.num_steps), budget,
+                       kept_off=final.keep_off is not None)
     rows.append({"phase": final.name, "kind": "distil" if final.teacher else "train" if final.num_steps != 0
                  else "evaluation", "steps": run_p.num_steps, "peak_bytes": plan["peak_bytes"],
                  "where": "every device"})

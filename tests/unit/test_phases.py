@@ -358,3 +358,9 @@ def test_dry_run_plans_every_phase(toy_world, tmp_path, capsys):
     assert out["memory_plan"]["reference_mode"] == "engine"  # the teacher: a frozen engine
     assert "phases of the method:" in captured.err and "3. distil" in captured.err
     assert not (tmp_path / "u").exists()
+    # negate_repair's repair holds the kept-off direction and its origin: two fp32 copies of a rank's partition
+    cfg = write_run_config(tmp_path / "n.json", toy_world, tmp_path / "n", method={"name": "negate_repair"},
+                           train={"num_steps": 4, "micro_batch_size": 2})
+    assert main(["unlearn", "--config", str(cfg), "--zero", CPU_ZERO3, "--dry-run", "--world-size", "2"]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    assert plan["terms"]["kept-off direction and origin (keep_off)"] == 8 * plan["parameters"]["trainable"] // 2
