@@ -1,6 +1,14 @@
 """Probe round 2 (issue #13; docs/tuning.md "Toward the twin"), recipes: perturb the original (shrink/noise/partial re-init) then descend on RETAIN (optionally a hinged
 forget ascent that stops at a scalar target). No use of the twin (evaluation only) nor of approximate per-token stats.
 
+Round 3 (issue #23, docs/tuning.md "What limits the repair"): the repair's variants, all after the round-2 recipe's
+rows edit and negation: ``--fmode hold`` (each forget chunk's loss held at or above its loss after the negation),
+``--project global|tensor`` (the repair kept off the negation's direction, what ``negate_repair`` now ships),
+``--repair kl|kl+nll`` (KL to the original on retain), ``--tv_contrast`` (the task vector minus a retain fine-tune's),
+``--tv_skip_rows`` (the negation leaves the edited rows alone).
+Before 2026-12-07 ``--fmode hinge`` had the wrong sign: it *descended* on forget chunks below the target (loss -
+relu(target - l)); it is now loss + relu(target - l), an ascent that stops at the target.
+
 Cost units: chunk forward+backward = 3, forward = 1. Budget 3,360 (1/10 of pretraining).
 """
 import argparse, pickle, collections
@@ -25,7 +33,12 @@ p.add_argument("--clip", type=float, default=1.0)
 p.add_argument("--bf", type=int, default=0)               # forget chunks per step for the hinged ascent
 p.add_argument("--wf", type=float, default=1.0)
 p.add_argument("--fstop", type=float, default=None)       # chunk-loss target (default original's approx mean)
-p.add_argument("--fmode", default="hinge")                # hinge: -relu(target - l_chunk)
+p.add_argument("--fmode", default="hinge")                # hinge: +relu(target - l_chunk); hold: + relu(floor_c - l_c)
+p.add_argument("--repair", default="nll")
+p.add_argument("--kl_w", type=float, default=1.0)
+p.add_argument("--tv_skip_rows", type=int, default=0)
+p.add_argument("--project", default="")
+p.add_argument("--floor_shift", type=float, default=0.0)  # hold: the floors (each chunk's loss after the negation) moved by this
 p.add_argument("--eval_at", default="")                   # e.g. "20,40"
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--init", default="original")
@@ -110,6 +123,7 @@ def lr_at(s):
     return mn + 0.5 * (args.lr - mn) * (1 + math.cos(math.pi * t))
 
 
+TAU = {}
 if args.tv_steps:
     theta0 = {n: q.detach().clone() for n, q in model.named_parameters()}
     topt = torch.optim.AdamW(model.parameters(), lr=args.tv_lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -135,14 +149,25 @@ if args.tv_steps:
             tau = theta_f[n] - theta0[n]
             if theta_r is not None:
                 tau = tau - args.tv_contrast * (theta_r[n] - theta0[n])
+            if args.tv_skip_rows and n == "model.embed_tokens.weight":
+                tau = tau.clone(); tau[sel] = 0
             if args.tv_topk < 1.0:
                 k = max(1, int(args.tv_topk * tau.numel()))
                 thr = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
                 tau = torch.where(tau.abs() >= thr, tau, torch.zeros_like(tau))
             q.copy_(theta0[n] - args.tv_beta * tau)
+            TAU[n] = tau.clone()
     del topt
     fperm.clear()
 
+floors = None
+if args.bf and args.fmode == "hold":
+    model.eval()
+    with torch.no_grad():
+        floors = torch.cat([chunk_nll(ev.f[i:i+32]) for i in range(0, len(ev.f), 32)]) + args.floor_shift
+    print("floors mean", floors.mean().item(), flush=True)
+fidx = list(range(len(ev.f)))
+TEACHER = load_model("original") if args.repair != "nll" else None
 eval_at = {int(x) for x in args.eval_at.split(",") if x}
 t0 = time.time()
 log = []
@@ -153,20 +178,55 @@ for step in range(args.steps):
     for g in opt.param_groups:
         g["lr"] = lr_at(step)
     opt.zero_grad()
-    lr_ = chunk_nll(take(ev.r, rperm, args.br)).mean()
+    rb = take(ev.r, rperm, args.br)
+    if args.repair == "nll":
+        lr_ = chunk_nll(rb).mean()
+    else:
+        inp, lab, att = pad(rb)
+        logits = model(input_ids=inp, attention_mask=att).logits[:, :-1].float()
+        with torch.no_grad():
+            tl = TEACHER(input_ids=inp, attention_mask=att).logits[:, :-1].float()
+        m = (lab[:, 1:] != -100).float()
+        lp = torch.log_softmax(logits, -1); tp = torch.log_softmax(tl, -1)
+        kl = (tp.exp() * (tp - lp)).sum(-1)
+        lt = Fn.cross_entropy(logits.transpose(1, 2), lab[:, 1:].clamp_min(0), reduction="none")
+        per = (kl * m).sum(1) / m.sum(1)
+        nll_ = (lt * m).sum(1) / m.sum(1)
+        lr_ = (args.kl_w * per + (nll_ if args.repair == "kl+nll" else 0)).mean()
     cost += 3 * args.br
     loss = lr_
     fl = float("nan")
     if args.bf:
-        lf = chunk_nll(take(ev.f, fperm, args.bf))
+        ii = take(fidx, fperm, args.bf)
+        lf = chunk_nll([ev.f[i] for i in ii])
         cost += 3 * args.bf
         fl = lf.mean().item()
         if args.fmode == "hinge":
-            loss = loss - args.wf * torch.relu(fstop - lf).mean()
+            loss = loss + args.wf * torch.relu(fstop - lf).mean()
+        elif args.fmode == "hold":
+            loss = loss + args.wf * torch.relu(floors[ii] - lf).mean()
     loss.backward()
     if args.clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
     opt.step()
+    if args.project:
+        with torch.no_grad():
+            if step == 0:
+                THN = {n: q.detach().clone() for n, q in model.named_parameters()}
+            names = [n for n, _ in model.named_parameters()]
+            P = dict(model.named_parameters())
+            if args.project == "global":
+                dot = sum(float(((P[n] - THN[n]) * TAU[n]).sum()) for n in names)
+                nn_ = sum(float((TAU[n] ** 2).sum()) for n in names)
+                c = dot / nn_
+                if c < 0:  # only the component that undoes the negation (moves back toward +tau... )
+                    pass
+                for n in names: P[n].sub_(c * TAU[n])
+            else:
+                for n in names:
+                    t = TAU[n]; d = P[n] - THN[n]
+                    c = float((d * t).sum()) / max(float((t * t).sum()), 1e-30)
+                    P[n].sub_(c * t)
     if (step + 1) % 10 == 0:
         print(f"step {step+1} lr {lr_at(step):.2e} Lr {lr_.item():.3f} Lf {fl:.3f} cost {cost} ({time.time()-t0:.0f}s)",
               flush=True)
