@@ -2,6 +2,7 @@
 
     python benchmarks/bench_phases.py                         # negate_repair on the demo pair, 1 and 2 ranks
     python benchmarks/bench_phases.py --method undo --ranks 2
+    python benchmarks/bench_phases.py --set method.params.keep_off_negation=false   # any --set of the run config
 
 One real run per world size (``python -m dsunlearn unlearn``, or the ``deepspeed`` launcher for 2 ranks) of the
 shipped config with evaluation and audits off (the phases alone), ``MALLOC_MMAP_THRESHOLD_`` set so that resident
@@ -24,14 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 WORLD = REPO / ".cache" / "demo_world" / "world"
 
 
-def run(method: str, ranks: int, out: Path) -> None:
+def run(method: str, ranks: int, out: Path, extra: tuple = ()) -> None:
     env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", MALLOC_MMAP_THRESHOLD_=str(1 << 20),
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--module"] \
         if ranks > 1 else [sys.executable, "-m"]
     sets = [f"output.run_dir={out}", "eval.splits=[]", "eval.audits=[]", "eval.every_n_steps=0", "eval.stop_tolerance=0",
-            *(f"data.{n}={WORLD / (n + '.jsonl')}" for n in ("forget", "retain", "approximate", "general"))]
+            *(f"data.{n}={WORLD / (n + '.jsonl')}" for n in ("forget", "retain", "approximate", "general")), *extra]
     if ranks > 1:  # the same global batch at every world size
         cfg = json.loads((REPO / "dsunlearn" / "configs" / f"{method}.json").read_text())
         sets.append(f"train.micro_batch_size={cfg['train']['micro_batch_size'] // ranks}")
@@ -62,12 +63,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", default="negate_repair")
     ap.add_argument("--ranks", default="1,2")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run-config override")
     args = ap.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in [int(r) for r in args.ranks.split(",")]:
             out = Path(tmp) / f"r{ranks}"
-            run(args.method, ranks, out)
+            run(args.method, ranks, out, tuple(args.set))
             results[ranks] = rows(out)
     mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "–"  # noqa: E731
     head = " | ".join(f"{r} rank{'s' if r > 1 else ''}: s, peak MiB" for r in results)
