@@ -31,6 +31,7 @@ from .data import Stream, StreamSampler
 from .eval.audit import run_audits
 from .eval.runner import Evaluator
 from .finish import finish_run
+from .keep_off import keep_off_hook
 from .methods import select_trainable
 from .methods.base import StreamOutputs
 from .methods.terms import chunk_nll, split_streams
@@ -168,7 +169,7 @@ def unlearn(cfg: RunConfig, zero_path: str, overwrite: bool = False, resume: boo
             return e.exit_code
     resume = resume and has_checkpoint(run_dir)  # a phased run killed in an earlier phase starts its last afresh
     run = build_run(engine_p, reference_factory)
-    run.cfg, run.earlier, run.after_step = cfg, earlier, P.keep_off_hook(phased_method, boundaries, run.engine, resume)
+    run.cfg, run.earlier, run.after_step = cfg, earlier, keep_off_hook(phased_method, boundaries, run.engine, resume)
     state = RunState()
     if resume:
         resume_from_checkpoint(run.engine, run_dir, state)

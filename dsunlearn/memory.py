@@ -401,7 +401,8 @@ def _phases(counts: ModelCounts, adapter_params: int, ds_config: dict, world_siz
              "ZeRO buckets": states["buckets"], "theta_0 weights": theta0,
              "gathered weights (ZeRO-3)": gathered, "activations, logits, loss terms": transient["step"],
              "optimizer step temporaries": transient["optimizer_step"]}
-    kept_off = transient.get("kept_off", 0)  # keep_off.KeepOff: its two fp32 copies of the trainable partition
+    # keep_off.KeepOff: two fp32 copies of this device's share of the trainable weights
+    kept_off = 8 * counts.trainable // (world_size if stage == 3 else 1) if transient.get("kept_off") else 0
     if kept_off:
         terms["kept-off direction and origin (keep_off)"] = kept_off
     resident = states["total"] - states["gathered_layer"] + theta0 + kept_off  # between steps: nothing gathered
@@ -510,8 +511,7 @@ def plan_memory(p, device_memory: Optional[int] = None, kept_off: bool = False) 
         if method.precomputed:
             transient["labels_pass"] = transient["theta0_pass"]
         transient["twin"] = bool(cfg.eval.retrained_model or cfg.eval.base_model)  # one frozen model at a time
-        if kept_off:
-            transient["kept_off"] = 8 * counts.trainable // (p.world_size if zero_stage(p.ds_config) == 3 else 1)
+        transient["kept_off"] = kept_off
         terms, phases = _phases(counts, adapter_params, p.ds_config, p.world_size, mode, needs, transient)
         if audit is not None:
             phases.update(audit.phases())

@@ -32,7 +32,6 @@ import torch
 from . import engine as E
 from .config import AdapterConfig, ConfigError, MethodConfig
 from .data import write_json_atomic
-from .keep_off import keep_off_hook  # noqa: F401  (the loop reads it here, with the rest of the phase machinery)
 from .methods import term_weights
 from .methods.phased import (INPUT, ArithmeticPhase, EditContext, EditPhase, PhasedMethod, TrainPhase, phase_lr)
 from .prepare import Prepared, plan_steps, with_model

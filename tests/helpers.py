@@ -63,3 +63,11 @@ def deepspeed_launcher(num_gpus: int = 2) -> list[str]:
     """The deepspeed launcher of this interpreter's environment, on a free port."""
     return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(num_gpus),
             "--master_port", str(free_port())]
+
+
+def direction_cosine(theta: dict, origin: dict, toward: dict) -> float:
+    """cos(theta - origin, toward - origin) over the whole weight space (state dicts of the same model)."""
+    import torch
+    d = torch.cat([(theta[k] - origin[k]).double().flatten() for k in theta])
+    u = torch.cat([(toward[k] - origin[k]).double().flatten() for k in theta])
+    return float(d @ u / (d.norm() * u.norm()))

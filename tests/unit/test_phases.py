@@ -259,13 +259,6 @@ def test_negate_repair_repairs_from_the_negated_boundary(toy_world, tmp_path):
     assert cost["unlearning_flops"] == pytest.approx(cost["phases"][1]["flops"] + cost["flops_per_step"]["total"] * 2)
 
 
-def _cosine(theta: dict, origin: dict, toward: dict) -> float:
-    """cos(theta - origin, toward - origin) over the whole weight space."""
-    d = torch.cat([(theta[k] - origin[k]).double().flatten() for k in theta])
-    u = torch.cat([(toward[k] - origin[k]).double().flatten() for k in theta])
-    return float(d @ u / (d.norm() * u.norm()))
-
-
 def test_project_off_by_hand():
     from dsunlearn.methods.phased import project_off
     theta = {"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([[2.0]])}
@@ -283,6 +276,7 @@ def test_negate_repair_keeps_the_repair_off_the_negation(toy_world, tmp_path, ke
     """keep_off_negation: every repair step ends without a component along the negation (rows -> negated), on the
     engine's ZeRO-3 partitions. Without it the repair does move back along the negation."""
     from dsunlearn.methods.phased import project_off
+    from helpers import direction_cosine
     run = _run(toy_world, tmp_path, "keep", {"name": "negate_repair", "params": {
         "token_threshold": 2.0, "fit_steps": 2, "fit_batch": 4, "keep_off_negation": keep_off}},
         train={"num_steps": 3, "micro_batch_size": 2},
@@ -291,9 +285,9 @@ def test_negate_repair_keeps_the_repair_off_the_negation(toy_world, tmp_path, ke
                                                  run / "phases" / "3-negate" / "model", run / "model"))
     assert json.loads((run / "metrics.json").read_text())["exported_step"] == 3  # the repair took its steps
     if not keep_off:
-        assert abs(_cosine(out, negated, rows)) > 1e-3
+        assert abs(direction_cosine(out, negated, rows)) > 1e-3
         return
-    assert abs(_cosine(out, negated, rows)) < 1e-5
+    assert abs(direction_cosine(out, negated, rows)) < 1e-5
     again = project_off(out, negated, {k: rows[k] - negated[k] for k in out})  # projecting twice changes nothing
     assert all(torch.allclose(again[k], out[k], atol=1e-6) for k in out)
 
@@ -303,7 +297,7 @@ def test_negate_repair_in_bf16_under_zero2(toy_world, tmp_path):
     that dtype, and the repair is kept off the negation on the full parameters and their fp32 masters (the residual
     is bf16 rounding of the exported weights; unconstrained it is about 0.04 here)."""
     from dsunlearn.cli import main
-    from helpers import REPO, write_run_config
+    from helpers import REPO, direction_cosine, write_run_config
     run = tmp_path / "z2"
     cfg = write_run_config(tmp_path / "z2.json", toy_world, run, method={"name": "negate_repair", "params": {
         "token_threshold": 2.0, "fit_steps": 2, "fit_batch": 4}}, train={"num_steps": 3, "micro_batch_size": 2},
@@ -312,7 +306,7 @@ def test_negate_repair_in_bf16_under_zero2(toy_world, tmp_path):
     rows, negated, out = (_weights(p) for p in (run / "phases" / "1-rows" / "model",
                                                  run / "phases" / "3-negate" / "model", run / "model"))
     assert negated["model.embed_tokens.weight"].dtype == torch.bfloat16
-    assert abs(_cosine(out, negated, rows)) < 2e-3
+    assert abs(direction_cosine(out, negated, rows)) < 2e-3
 
 
 def test_undo_noises_the_teacher_and_distils_from_it(toy_world, tmp_path):
